@@ -1,0 +1,44 @@
+# tapsign: the two commands are `make run` and `make test`; both set everything up first
+# (virtualenv, packages, SoftHSM2 and its token, keys) and are safe to run again.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+VAR    := var
+
+.DEFAULT_GOAL := run
+.PHONY: run test setup system-packages venv hsm lint
+
+run: setup
+	@echo "==> tapsign hsm keys"
+	$(BIN)/tapsign hsm keys
+	@echo "==> tapsign bench verify"
+	$(BIN)/tapsign bench verify --seconds 3
+
+test: setup lint
+	@echo "==> pytest"
+	$(BIN)/pytest
+
+lint: venv
+	@echo "==> ruff check, ruff format --check, mypy --strict"
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+setup: system-packages venv hsm
+
+system-packages:
+	@softhsm-config/install-packages.sh $(PYTHON)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py hsm/_p256.c
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "tapsign needs Python 3.11 or newer; set PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@echo "==> creating $(VENV) and installing tapsign with its development tools"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+hsm: system-packages venv
+	@softhsm-config/init-token.sh $(VAR) $(BIN)/tapsign

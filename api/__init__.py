@@ -1,0 +1,1 @@
+"""The outer layer of tapsign: the command line now, the HTTP API later."""

@@ -1,0 +1,66 @@
+"""tapsign's configuration: defaults, then a TOML file, then ``TAPSIGN_*`` variables.
+
+The file is ``$TAPSIGN_CONFIG`` or ``./tapsign.toml`` when present; a variable
+``TAPSIGN_<SECTION>_<KEY>`` overrides ``key`` of ``[section]`` (``TAPSIGN_HSM_MODULE``
+sets ``[hsm] module``). Secrets are never settings: the HSM PIN comes from
+``TAPSIGN_HSM_PIN`` or the file named by ``hsm.pin_file`` (see :func:`hsm.settings.read_pin`),
+and a config file that tries to carry one is refused. docs/reference/configuration.md
+lists every key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from engine.errors import ConfigurationError
+from hsm.settings import HsmSettings, VerifierSettings
+
+ENVIRONMENT_PREFIX = "TAPSIGN_"
+DEFAULT_CONFIG_FILE = "tapsign.toml"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    hsm: HsmSettings = msgspec.field(default_factory=HsmSettings)
+    verifier: VerifierSettings = msgspec.field(default_factory=VerifierSettings)
+
+
+def _sections() -> dict[str, frozenset[str]]:
+    """``{section: its keys}``, read from the types so that the two never disagree."""
+    return {
+        section.name: frozenset(field.name for field in msgspec.structs.fields(section.type))
+        for section in msgspec.structs.fields(Settings)
+    }
+
+
+def load_settings(
+    environ: Mapping[str, str] = os.environ, config_file: str | None = None
+) -> Settings:
+    """The effective settings; :class:`ConfigurationError` naming the offending key."""
+    path = config_file or environ.get("TAPSIGN_CONFIG")
+    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        path = DEFAULT_CONFIG_FILE
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"{path} is not valid TOML: {exc}") from exc
+    sections = _sections()
+    for name, value in environ.items():
+        if not name.startswith(ENVIRONMENT_PREFIX):
+            continue
+        section, _, key = name[len(ENVIRONMENT_PREFIX) :].lower().partition("_")
+        if key in sections.get(section, ()):
+            data.setdefault(section, {})[key] = value
+    try:
+        return msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigurationError(f"invalid configuration: {exc}") from exc

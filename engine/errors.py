@@ -1,0 +1,52 @@
+"""The one exception hierarchy of tapsign.
+
+Every error that crosses a package boundary is a :class:`TapsignError`. Each class
+carries the HTTP status and the RFC 9457 problem ``type`` that the API renders
+for it, so the mapping from failure to response lives beside the failure and not
+in a table somewhere else (h11's ``error_status_hint`` is the model).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+PROBLEM_BASE = "https://tapsign.dev/problems/"
+
+
+class TapsignError(Exception):
+    """Root of every error tapsign raises on purpose."""
+
+    status: ClassVar[int] = 500
+    problem: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal error"
+
+    @classmethod
+    def problem_type(cls) -> str:
+        """The RFC 9457 ``type`` URI of this error class."""
+        return PROBLEM_BASE + cls.problem
+
+
+class ServiceUnavailable(TapsignError):
+    """A dependency is temporarily unable to serve; the caller may retry later."""
+
+    status = 503
+    problem = "service-unavailable"
+    title = "Service unavailable"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Overloaded(ServiceUnavailable):
+    """A bounded queue is full: shed this request now rather than queue it without bound."""
+
+    problem = "overloaded"
+    title = "Overloaded"
+
+
+class ConfigurationError(TapsignError):
+    """The configuration (file or environment) is invalid; raised at start-up."""
+
+    problem = "configuration-error"
+    title = "Configuration error"

@@ -1,0 +1,441 @@
+"""One PKCS#11 token, shared safely by many threads. The only module that wraps python-pkcs11.
+
+Theory of operation
+-------------------
+*Locking.* PKCS#11 v2.40 §5.4: a library initialised by ``C_Initialize(NULL)`` may assume
+that its caller never calls it from two threads at once, and SoftHSM2 then switches its
+own mutexes off. python-pkcs11 0.10 initialises with ``NULL`` and releases the GIL in
+every ``C_*`` call, so parallel Python threads would run SoftHSM2 unlocked. We therefore
+initialise the module ourselves, through its function list, with ``CKF_OS_LOCKING_OK``
+(python-pkcs11's ``lib.initialize`` is a ``cpdef`` method, overridden below), once per
+process.
+
+*Sessions.* A session carries at most one active operation (§5.6) and python-pkcs11
+serialises each session with a lock, so sessions are never shared between threads: every
+operation checks a session out of a bounded pool and returns it afterwards. Each pooled
+session keeps the handles it found (private keys) and created (public-key session objects
+for the verifier), because ``C_FindObjects`` and ``C_CreateObject`` per call cost more
+than the signature itself.
+
+*Login.* Login state belongs to the application, not the session (§6.7.4): a second
+``C_Login`` fails with ``CKR_USER_ALREADY_LOGGED_IN`` and ``C_Logout`` on any session logs
+all of them out. One login session therefore stays open for the life of the token object;
+pooled sessions are opened without a PIN and are closed without logging out.
+
+*Errors.* :func:`map_error` turns ``PKCS11Error`` into :mod:`hsm.errors`, here and only
+here. :meth:`Pkcs11Token.run` is the one place that recovers from a lost session: it
+drops every session of the lost generation, logs in again and retries the operation once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pkcs11
+from pkcs11 import _pkcs11, exceptions
+from pkcs11.types import SignMixin, VerifyMixin
+
+from hsm.errors import (
+    HsmError,
+    HsmPermanentError,
+    HsmTransientError,
+    KeyNotFound,
+    SessionLost,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CK_RV = ctypes.c_ulong
+CKF_OS_LOCKING_OK = 0x00000002
+CKR_OK = 0x0
+CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+
+#: How long a thread waits for a free session before it is told the HSM is busy.
+CHECKOUT_TIMEOUT_SECONDS = 5.0
+
+
+class _InitializeArgs(ctypes.Structure):
+    """``CK_C_INITIALIZE_ARGS`` (PKCS#11 v2.40 §3.6)."""
+
+    _fields_ = (
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    )
+
+
+class _Version(ctypes.Structure):
+    _fields_ = (("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte))
+
+
+_C_Initialize = ctypes.CFUNCTYPE(CK_RV, ctypes.c_void_p)
+_C_InitToken = ctypes.CFUNCTYPE(
+    CK_RV, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p
+)
+
+
+class _FunctionList(ctypes.Structure):
+    """The head of ``CK_FUNCTION_LIST``, in the order of the standard, up to ``C_InitToken``."""
+
+    _fields_ = (
+        ("version", _Version),
+        ("C_Initialize", _C_Initialize),
+        ("C_Finalize", ctypes.c_void_p),
+        ("C_GetInfo", ctypes.c_void_p),
+        ("C_GetFunctionList", ctypes.c_void_p),
+        ("C_GetSlotList", ctypes.c_void_p),
+        ("C_GetSlotInfo", ctypes.c_void_p),
+        ("C_GetTokenInfo", ctypes.c_void_p),
+        ("C_GetMechanismList", ctypes.c_void_p),
+        ("C_GetMechanismInfo", ctypes.c_void_p),
+        ("C_InitToken", _C_InitToken),
+    )
+
+
+def _function_list(path: str) -> _FunctionList:
+    # dlopen of the same path returns the handle python-pkcs11 already holds, so these
+    # functions act on the same library instance.
+    library = ctypes.CDLL(path)
+    pointer = ctypes.POINTER(_FunctionList)()
+    rv = library.C_GetFunctionList(ctypes.byref(pointer))
+    if rv != CKR_OK:
+        raise HsmPermanentError(f"C_GetFunctionList of {path} failed (CKR 0x{rv:x})")
+    return pointer.contents
+
+
+class _OsLockingLib(_pkcs11.lib):
+    """python-pkcs11's ``lib`` initialised with ``CKF_OS_LOCKING_OK`` instead of ``NULL``."""
+
+    def initialize(self) -> None:
+        args = _InitializeArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
+        rv = _function_list(self.so).C_Initialize(ctypes.byref(args))
+        if rv not in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            raise HsmPermanentError(f"C_Initialize of {self.so} failed (CKR 0x{rv:x})")
+
+
+_modules: dict[str, _OsLockingLib] = {}
+_modules_lock = threading.Lock()
+
+
+def load_module(path: str, *, softhsm2_conf: str | None = None) -> _OsLockingLib:
+    """The process-wide instance of the PKCS#11 module at ``path``, initialised for threads.
+
+    ``softhsm2_conf`` is exported as ``SOFTHSM2_CONF`` unless the environment already names
+    one; SoftHSM2 reads it once, in ``C_Initialize``.
+    """
+    with _modules_lock:
+        if path in _modules:
+            return _modules[path]
+        if not Path(path).is_file():
+            raise HsmPermanentError(
+                f"no PKCS#11 module at {path}: install SoftHSM2 (make run does) "
+                "or set TAPSIGN_HSM_MODULE to your HSM vendor's library"
+            )
+        if softhsm2_conf is not None and "SOFTHSM2_CONF" not in os.environ:
+            os.environ["SOFTHSM2_CONF"] = str(Path(softhsm2_conf).resolve())
+        try:
+            module = _OsLockingLib(path)
+        except exceptions.PKCS11Error as exc:
+            raise map_error(exc) from exc
+        _modules[path] = module
+        log.info("loaded PKCS#11 module %s (%s)", path, module.manufacturer_id)
+        return module
+
+
+# Session or login gone: reconnect and retry. PKCS#11 v2.40 §5.1 return values.
+_SESSION_LOST = (
+    exceptions.SessionHandleInvalid,
+    exceptions.SessionClosed,
+    exceptions.DeviceRemoved,
+    exceptions.DeviceError,
+    exceptions.TokenNotPresent,
+    exceptions.TokenNotRecognised,
+    exceptions.UserNotLoggedIn,
+)
+# Busy or short of resources: retry later, nothing to reconnect.
+_TRANSIENT = (
+    exceptions.DeviceMemory,
+    exceptions.HostMemory,
+    exceptions.SessionCount,
+    exceptions.FunctionCancelled,
+)
+
+
+def map_error(exc: exceptions.PKCS11Error) -> HsmError:
+    """The :mod:`hsm.errors` class for a python-pkcs11 error. Messages never carry a PIN."""
+    name = type(exc).__name__
+    if isinstance(exc, _SESSION_LOST):
+        return SessionLost(f"HSM session lost ({name})")
+    if isinstance(exc, _TRANSIENT):
+        return HsmTransientError(f"HSM temporarily unable to serve ({name})")
+    if isinstance(exc, exceptions.NoSuchKey):
+        return KeyNotFound("no such key on the HSM token")
+    if isinstance(exc, exceptions.NoSuchToken):
+        return HsmPermanentError(f"no PKCS#11 token with the configured label ({name})")
+    if isinstance(exc, exceptions.PinIncorrect | exceptions.PinInvalid | exceptions.PinLenRange):
+        return HsmPermanentError("HSM login refused: the configured PIN is wrong")
+    if isinstance(exc, exceptions.PinLocked):
+        return HsmPermanentError("HSM login refused: the user PIN is locked")
+    return HsmPermanentError(f"HSM operation failed ({name})")
+
+
+@dataclass(eq=False)
+class PooledSession:
+    """A session and the object handles found or created in it (valid only in this session)."""
+
+    session: pkcs11.Session
+    generation: int
+    private_keys: dict[str, SignMixin] = field(default_factory=dict)
+    #: Public keys imported as session objects for ``C_Verify``, least recently used first.
+    public_keys: OrderedDict[bytes, VerifyMixin] = field(default_factory=OrderedDict)
+    key_epoch: int = 0
+
+
+class Pkcs11Token:
+    """A logged-in token with a bounded pool of sessions; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        module: str,
+        token_label: str,
+        pin: str,
+        max_sessions: int = 16,
+        softhsm2_conf: str | None = None,
+    ) -> None:
+        self._lib = load_module(module, softhsm2_conf=softhsm2_conf)
+        self.token_label = token_label
+        self._pin = pin
+        self._max_sessions = max_sessions
+        self._condition = threading.Condition()
+        self._idle: list[PooledSession] = []
+        self._open_sessions = 0
+        self._generation = 0
+        self._key_epoch = 0
+        self._token: pkcs11.Token | None = None
+        self._login: pkcs11.Session | None = None
+        self._closed = False
+        with self._condition:
+            self._connect()
+
+    def __repr__(self) -> str:
+        return f"Pkcs11Token(label={self.token_label!r}, module={self._lib.so!r})"
+
+    @property
+    def module_path(self) -> str:
+        return self._lib.so
+
+    def run(self, operation: Callable[[PooledSession], T], *, retry: bool = True) -> T:
+        """Run ``operation`` with a session of its own; map errors; recover a lost session.
+
+        ``retry`` is for idempotent operations (sign, verify, find): after a lost session
+        the operation runs once more on a fresh one. Key generation passes ``False``.
+        """
+        attempts = 2 if retry else 1
+        for attempt in range(1, attempts + 1):
+            pooled = self._checkout()
+            try:
+                result = operation(pooled)
+            except exceptions.PKCS11Error as exc:
+                error = map_error(exc)
+                if not isinstance(error, SessionLost):
+                    self._checkin(pooled)
+                    raise error from exc
+                self._drop(pooled)
+                log.warning("HSM session lost (%s); reconnecting", type(exc).__name__)
+                self._recover(pooled.generation)
+                if attempt == attempts:
+                    raise error from exc
+            except BaseException:
+                # Not a PKCS#11 failure, so the session may sit in an unknown state: drop it.
+                self._drop(pooled)
+                raise
+            else:
+                self._checkin(pooled)
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def forget_keys(self) -> None:
+        """Drop cached private-key handles in every session (after a key is destroyed)."""
+        with self._condition:
+            self._key_epoch += 1
+
+    def close(self) -> None:
+        """Close every session; the login session last, which logs the application out."""
+        with self._condition:
+            self._closed = True
+            self._close_idle()
+            if self._login is not None:
+                _close_quietly(self._login)
+                self._login = None
+            self._condition.notify_all()
+
+    # -- pool ----------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        try:
+            token = self._lib.get_token(token_label=self.token_label)
+        except exceptions.NoSuchToken as exc:
+            raise HsmTransientError(
+                f"no PKCS#11 token labelled {self.token_label!r} is present", retry_after=5.0
+            ) from exc
+        except exceptions.PKCS11Error as exc:
+            raise map_error(exc) from exc
+        try:
+            login = token.open(user_pin=self._pin, rw=True)
+        except exceptions.UserAlreadyLoggedIn:
+            # Another Pkcs11Token of this process logged in; share its login, never log out.
+            login = token.open(rw=True)
+        except exceptions.PKCS11Error as exc:
+            raise map_error(exc) from exc
+        self._token, self._login = token, login
+
+    def _checkout(self) -> PooledSession:
+        with self._condition:
+            while True:
+                if self._closed:
+                    raise HsmTransientError("the HSM token is closed")
+                if self._login is None:
+                    self._connect()
+                if self._idle:
+                    pooled = self._idle.pop()
+                    if pooled.generation != self._generation:
+                        self._open_sessions -= 1
+                        _close_quietly(pooled.session)
+                        continue
+                    if pooled.key_epoch != self._key_epoch:
+                        pooled.private_keys.clear()
+                        pooled.key_epoch = self._key_epoch
+                    return pooled
+                if self._open_sessions < self._max_sessions:
+                    return self._open_session()
+                if not self._condition.wait(CHECKOUT_TIMEOUT_SECONDS):
+                    raise HsmTransientError(
+                        f"all {self._max_sessions} HSM sessions are busy", retry_after=1.0
+                    )
+
+    def _open_session(self) -> PooledSession:
+        if self._token is None:
+            raise HsmTransientError("the HSM token is not connected")
+        try:
+            session = self._token.open(rw=True)
+        except exceptions.PKCS11Error as exc:
+            error = map_error(exc)
+            if isinstance(error, SessionLost):
+                self._reset_locked()
+            raise error from exc
+        self._open_sessions += 1
+        return PooledSession(session, self._generation, key_epoch=self._key_epoch)
+
+    def _checkin(self, pooled: PooledSession) -> None:
+        with self._condition:
+            if self._closed or pooled.generation != self._generation:
+                self._open_sessions -= 1
+                _close_quietly(pooled.session)
+            else:
+                self._idle.append(pooled)
+            self._condition.notify()
+
+    def _drop(self, pooled: PooledSession) -> None:
+        with self._condition:
+            self._open_sessions -= 1
+            _close_quietly(pooled.session)
+            self._condition.notify()
+
+    def _recover(self, lost_generation: int) -> None:
+        with self._condition:
+            if lost_generation == self._generation:
+                self._reset_locked()
+            # Connect again now if we can; if not, the next checkout tries again.
+            if self._login is None:
+                try:
+                    self._connect()
+                except HsmError as exc:
+                    log.warning("HSM not back yet: %s", exc)
+
+    def _reset_locked(self) -> None:
+        self._generation += 1
+        self._close_idle()
+        if self._login is not None:
+            _close_quietly(self._login)
+        self._token, self._login = None, None
+
+    def _close_idle(self) -> None:
+        for pooled in self._idle:
+            _close_quietly(pooled.session)
+        self._open_sessions -= len(self._idle)
+        self._idle.clear()
+
+
+def can_sign(found: pkcs11.Object) -> SignMixin:
+    """``found`` as a signing key, or :class:`HsmPermanentError` if ``CKA_SIGN`` is false."""
+    if not isinstance(found, SignMixin):
+        raise HsmPermanentError("the HSM key object cannot sign")
+    return found
+
+
+def can_verify(found: pkcs11.Object) -> VerifyMixin:
+    """``found`` as a verification key, or :class:`HsmPermanentError` if ``CKA_VERIFY`` is false."""
+    if not isinstance(found, VerifyMixin):
+        raise HsmPermanentError("the HSM key object cannot verify")
+    return found
+
+
+def _close_quietly(session: pkcs11.Session) -> None:
+    try:
+        session.close()
+    except exceptions.PKCS11Error as exc:
+        log.debug("closing a PKCS#11 session failed: %s", type(exc).__name__)
+
+
+def initialise_token(
+    *, module: str, label: str, so_pin: str, user_pin: str, softhsm2_conf: str | None = None
+) -> bool:
+    """Initialise a free slot's token as ``label`` with a user PIN. False if it already exists.
+
+    For SoftHSM2 and test tokens; a production HSM's token is made in its key ceremony.
+    PINs pass through memory only, never through a command line.
+    """
+    lib = load_module(module, softhsm2_conf=softhsm2_conf)
+    if any(True for _ in lib.get_tokens(token_label=label)):
+        return False
+    free = next(
+        (
+            slot
+            for slot in lib.get_slots(token_present=True)
+            if not slot.get_token().flags & pkcs11.TokenFlag.TOKEN_INITIALIZED
+        ),
+        None,
+    )
+    if free is None:
+        raise HsmPermanentError("no free slot to initialise a token in")
+    encoded_label = label.encode("utf-8")
+    if len(encoded_label) > 32:
+        raise HsmPermanentError("a PKCS#11 token label has at most 32 bytes")
+    so_pin_bytes = so_pin.encode("utf-8")
+    rv = _function_list(module).C_InitToken(
+        free.slot_id, so_pin_bytes, len(so_pin_bytes), encoded_label.ljust(32, b" ")
+    )
+    if rv != CKR_OK:
+        raise HsmPermanentError(f"C_InitToken failed (CKR 0x{rv:x})")
+    try:
+        token = lib.get_token(token_label=label)
+        with token.open(so_pin=so_pin, rw=True) as session:
+            session.init_pin(user_pin)
+    except exceptions.PKCS11Error as exc:
+        raise map_error(exc) from exc
+    log.info("initialised PKCS#11 token %r", label)
+    return True

@@ -1,0 +1,1 @@
+"""Reference clients of tapsign: the device side and the relying-party side."""
