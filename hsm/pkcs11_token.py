@@ -58,7 +58,11 @@ T = TypeVar("T")
 CK_RV = ctypes.c_ulong
 CKF_OS_LOCKING_OK = 0x00000002
 CKR_OK = 0x0
+CKR_USER_ALREADY_LOGGED_IN = 0x100
 CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+CKU_USER = 1
+#: ``CK_SESSION_INFO.state`` values of a session whose application is logged in as user.
+CKS_USER_STATES = (1, 3)  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS
 
 #: How long a thread waits for a free session before it is told the HSM is busy.
 CHECKOUT_TIMEOUT_SECONDS = 5.0
@@ -81,14 +85,30 @@ class _Version(ctypes.Structure):
     _fields_ = (("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte))
 
 
+class _SessionInfo(ctypes.Structure):
+    """``CK_SESSION_INFO`` (PKCS#11 v2.40 §3.6)."""
+
+    _fields_ = (
+        ("slotID", ctypes.c_ulong),
+        ("state", ctypes.c_ulong),
+        ("flags", ctypes.c_ulong),
+        ("ulDeviceError", ctypes.c_ulong),
+    )
+
+
 _C_Initialize = ctypes.CFUNCTYPE(CK_RV, ctypes.c_void_p)
 _C_InitToken = ctypes.CFUNCTYPE(
     CK_RV, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p
 )
+_C_GetSessionInfo = ctypes.CFUNCTYPE(CK_RV, ctypes.c_ulong, ctypes.POINTER(_SessionInfo))
+_C_Login = ctypes.CFUNCTYPE(CK_RV, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong)
+_C_Logout = ctypes.CFUNCTYPE(CK_RV, ctypes.c_ulong)
 
 
 class _FunctionList(ctypes.Structure):
-    """The head of ``CK_FUNCTION_LIST``, in the order of the standard, up to ``C_InitToken``."""
+    """The head of ``CK_FUNCTION_LIST`` in the standard's order, up to ``C_Logout``: the calls
+    python-pkcs11 does not offer (initialise with locking, make a token, inspect and restore
+    a login without opening a session)."""
 
     _fields_ = (
         ("version", _Version),
@@ -102,6 +122,16 @@ class _FunctionList(ctypes.Structure):
         ("C_GetMechanismList", ctypes.c_void_p),
         ("C_GetMechanismInfo", ctypes.c_void_p),
         ("C_InitToken", _C_InitToken),
+        ("C_InitPIN", ctypes.c_void_p),
+        ("C_SetPIN", ctypes.c_void_p),
+        ("C_OpenSession", ctypes.c_void_p),
+        ("C_CloseSession", ctypes.c_void_p),
+        ("C_CloseAllSessions", ctypes.c_void_p),
+        ("C_GetSessionInfo", _C_GetSessionInfo),
+        ("C_GetOperationState", ctypes.c_void_p),
+        ("C_SetOperationState", ctypes.c_void_p),
+        ("C_Login", _C_Login),
+        ("C_Logout", _C_Logout),
     )
 
 
@@ -251,12 +281,16 @@ class Pkcs11Token:
                 result = operation(pooled)
             except exceptions.PKCS11Error as exc:
                 error = map_error(exc)
-                if not isinstance(error, SessionLost):
+                if isinstance(error, SessionLost):
+                    self._drop(pooled)
+                    log.warning("HSM session lost (%s); reconnecting", type(exc).__name__)
+                    self._recover(pooled.generation)
+                else:
                     self._checkin(pooled)
-                    raise error from exc
-                self._drop(pooled)
-                log.warning("HSM session lost (%s); reconnecting", type(exc).__name__)
-                self._recover(pooled.generation)
+                    # Private objects vanish from searches when the login is gone, so a
+                    # missing key may be a lost login: log in again and look once more.
+                    if not (isinstance(error, KeyNotFound) and self._login_again_if_lost()):
+                        raise error from exc
                 if attempt == attempts:
                     raise error from exc
             except BaseException:
@@ -365,6 +399,27 @@ class Pkcs11Token:
                     self._connect()
                 except HsmError as exc:
                     log.warning("HSM not back yet: %s", exc)
+
+    def _login_again_if_lost(self) -> bool:
+        """True if the application had been logged out (``C_Logout`` elsewhere, an HSM-side
+        timeout) and is logged in again; False if the login was intact."""
+        with self._condition:
+            if self._login is None:
+                return False
+            functions = _function_list(self._lib.so)
+            info = _SessionInfo()
+            if functions.C_GetSessionInfo(self._login.handle, ctypes.byref(info)) != CKR_OK:
+                self._reset_locked()  # the login session itself is gone: reconnect
+                self._connect()
+                return True
+            if info.state in CKS_USER_STATES:
+                return False
+            pin = self._pin.encode("utf-8")
+            rv = functions.C_Login(self._login.handle, CKU_USER, pin, len(pin))
+            if rv not in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN):
+                raise HsmPermanentError(f"HSM login failed again (CKR 0x{rv:x})")
+            log.warning("the HSM login had been lost; logged in again")
+            return True
 
     def _reset_locked(self) -> None:
         self._generation += 1
