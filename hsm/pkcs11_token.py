@@ -408,14 +408,15 @@ class Pkcs11Token:
                 return False
             functions = _function_list(self._lib.so)
             info = _SessionInfo()
-            if functions.C_GetSessionInfo(self._login.handle, ctypes.byref(info)) != CKR_OK:
+            handle = session_handle(self._login)
+            if functions.C_GetSessionInfo(handle, ctypes.byref(info)) != CKR_OK:
                 self._reset_locked()  # the login session itself is gone: reconnect
                 self._connect()
                 return True
             if info.state in CKS_USER_STATES:
                 return False
             pin = self._pin.encode("utf-8")
-            rv = functions.C_Login(self._login.handle, CKU_USER, pin, len(pin))
+            rv = functions.C_Login(handle, CKU_USER, pin, len(pin))
             if rv not in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN):
                 raise HsmPermanentError(f"HSM login failed again (CKR 0x{rv:x})")
             log.warning("the HSM login had been lost; logged in again")
@@ -433,6 +434,12 @@ class Pkcs11Token:
             _close_quietly(pooled.session)
         self._open_sessions -= len(self._idle)
         self._idle.clear()
+
+
+def session_handle(session: pkcs11.Session) -> int:
+    """The ``CK_SESSION_HANDLE`` (python-pkcs11 has it but its type stubs do not say so)."""
+    handle: int = session.handle  # type: ignore[attr-defined]
+    return handle
 
 
 def can_sign(found: pkcs11.Object) -> SignMixin:

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, ObjectClass, exceptions
 
 from hsm.errors import HsmPermanentError, HsmTransientError, KeyNotFound, KeyringError
-from hsm.keyring import Keyring, KeyPurpose, open_keyring
+from hsm.keyring import KeyPurpose, Keyring, open_keyring
 from hsm.keystores import Pkcs11KeyStore, SoftwareKeyStore
-from hsm.pkcs11_token import Pkcs11Token, PooledSession, _function_list
+from hsm.pkcs11_token import Pkcs11Token, PooledSession, _function_list, session_handle
 from hsm.settings import HsmSettings
 from tests.conftest import USER_PIN, TokenFactory
 
@@ -186,11 +186,11 @@ def test_lost_login_is_recovered(keyring: Keyring, how: str) -> None:
     keyring.ensure()
     token = keyring.store.token  # type: ignore[attr-defined]
     kid = keyring.active(KeyPurpose.TOKEN).kid
-    login = token._login  # noqa: SLF001 - the test breaks the login on purpose
+    login = token._login
     if how == "logged out":
         # C_Logout on any session logs the whole application out (PKCS#11 v2.40 §5.6);
         # private keys then vanish from searches and signing finds no key.
-        assert _function_list(token.module_path).C_Logout(login.handle) == 0
+        assert _function_list(token.module_path).C_Logout(session_handle(login)) == 0
     else:
         login.close()
     signature = keyring.sign(kid, b"after logout")
@@ -206,7 +206,9 @@ def test_pkcs11_errors_are_mapped_once(token: Pkcs11Token) -> None:
     def fail(_: PooledSession) -> None:
         raise exceptions.DeviceMemory()
 
-    with pytest.raises(HsmTransientError, match=r"^HSM temporarily unable to serve \(DeviceMemory\)$"):
+    with pytest.raises(
+        HsmTransientError, match=r"^HSM temporarily unable to serve \(DeviceMemory\)$"
+    ):
         token.run(fail)
 
 

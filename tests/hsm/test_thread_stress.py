@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from hsm.keyring import Keyring, KeyPurpose
+from hsm.keyring import KeyPurpose, Keyring
 from hsm.keystores import Pkcs11KeyStore
 from hsm.verify_backends import Pkcs11VerifyBackend, VerifyItem
 from tests.conftest import TokenFactory

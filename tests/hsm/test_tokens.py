@@ -10,7 +10,7 @@ import jwt
 import pytest
 
 from hsm.errors import InvalidToken
-from hsm.keyring import Keyring, KeyPurpose
+from hsm.keyring import KeyPurpose, Keyring
 from hsm.keystores import Pkcs11KeyStore
 from hsm.pkcs11_token import Pkcs11Token
 from hsm.tokens import TokenSigner
@@ -84,27 +84,37 @@ def test_old_tokens_verify_after_rotation_until_the_key_is_retired(
     ("mangle", "reason"),
     [
         pytest.param(
-            lambda token, _: token.split(".")[0] + "." + b64(claims(sub="user-2")) + "."
-            + token.split(".")[2],
+            lambda token, _: (
+                token.split(".")[0] + "." + b64(claims(sub="user-2")) + "." + token.split(".")[2]
+            ),
             "InvalidSignatureError",
             id="payload changed after signing",
         ),
-        pytest.param(lambda token, _: token[:-6], "InvalidSignatureError", id="truncated signature"),
         pytest.param(
-            lambda token, _: b64({"alg": "none", "typ": "JWT", "kid": "x"}) + "."
-            + token.split(".")[1] + ".",
+            lambda token, _: token[:-6], "InvalidSignatureError", id="truncated signature"
+        ),
+        pytest.param(
+            lambda token, _: (
+                b64({"alg": "none", "typ": "JWT", "kid": "x"}) + "." + token.split(".")[1] + "."
+            ),
             "unknown kid",
             id="alg none",
         ),
         pytest.param(
-            lambda token, kid: b64({"alg": "none", "typ": "JWT", "kid": kid}) + "."
-            + token.split(".")[1] + ".",
+            lambda token, kid: (
+                b64({"alg": "none", "typ": "JWT", "kid": kid}) + "." + token.split(".")[1] + "."
+            ),
             "InvalidAlgorithmError",
             id="alg none with a real kid",
         ),
         pytest.param(
-            lambda token, kid: b64({"alg": "HS256", "typ": "JWT", "kid": kid}) + "."
-            + token.split(".")[1] + "." + token.split(".")[2],
+            lambda token, kid: (
+                b64({"alg": "HS256", "typ": "JWT", "kid": kid})
+                + "."
+                + token.split(".")[1]
+                + "."
+                + token.split(".")[2]
+            ),
             "InvalidAlgorithmError",
             id="alg HS256 with a real kid",
         ),

@@ -20,7 +20,7 @@ from engine.errors import Overloaded, ServiceUnavailable
 from hsm.errors import HsmPermanentError, HsmTransientError, InvalidPublicKey
 from hsm.pkcs11_token import Pkcs11Token
 from hsm.verifier import BatchVerifier
-from hsm.verify_backends import Outcome, OpenSSLVerifyBackend, Pkcs11VerifyBackend, VerifyItem
+from hsm.verify_backends import OpenSSLVerifyBackend, Outcome, Pkcs11VerifyBackend, VerifyItem
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 POINT = KEY.public_key().public_bytes(

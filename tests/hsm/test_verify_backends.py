@@ -101,7 +101,8 @@ def test_malformed_key_fails_only_its_own_item(backend: VerifyBackend) -> None:
             (b"not a key", b"d", b"whatever"),
         ]
     )
-    assert outcomes[0] is True and outcomes[2] is True
+    assert outcomes[0] is True
+    assert outcomes[2] is True
     assert isinstance(outcomes[1], InvalidPublicKey)
     assert isinstance(outcomes[3], InvalidPublicKey)
 
@@ -110,7 +111,9 @@ def test_empty_batch(backend: VerifyBackend) -> None:
     assert backend.verify_batch([]) == []
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     message=st.binary(max_size=300),
     key_index=st.integers(0, len(KEYS) - 1),

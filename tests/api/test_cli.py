@@ -1,0 +1,154 @@
+"""The ``tapsign`` command and the token set-up script, run as a user runs them.
+
+Each test works in a fresh directory with its own ``var/`` (so the defaults, relative to
+the working directory, are what is exercised) and runs real processes: the SoftHSM2
+module is initialised per process, so these do not share the test session's token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hsm.settings import default_module
+
+ROOT = Path(__file__).resolve().parents[2]
+TAPSIGN = Path(sys.executable).with_name("tapsign")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    if not Path(default_module()).is_file():
+        pytest.skip("SoftHSM2 is not installed: run 'make test' to install it")
+    if not TAPSIGN.exists():
+        pytest.skip(f"the tapsign command is not installed at {TAPSIGN}")
+    return tmp_path
+
+
+def run(
+    workdir: Path, *arguments: str, check: bool = True, environ: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("TAPSIGN_", "SOFTHSM2_"))
+    }
+    env.update(environ or {})
+    completed = subprocess.run(  # noqa: S603 - our own executables, fixed arguments
+        arguments, cwd=workdir, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and completed.returncode != 0:
+        pytest.fail(f"{arguments} failed:\n{completed.stdout}\n{completed.stderr}")
+    return completed
+
+
+def set_up(workdir: Path) -> subprocess.CompletedProcess[str]:
+    return run(workdir, str(ROOT / "softhsm-config" / "init-token.sh"), "var", str(TAPSIGN))
+
+
+def kids(output: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for purpose, kid in re.findall(r"^  (\S+-signing)\s+(\S+)\s", output, re.MULTILINE):
+        found.setdefault(purpose, []).append(kid)
+    return found
+
+
+def test_token_set_up_is_idempotent_and_keeps_secrets_private(workdir: Path) -> None:
+    first = set_up(workdir)
+    assert "initialised token 'tapsign'" in first.stdout
+    assert first.stdout.count("created ") == 6  # "created <purpose> key" and "created <date>"
+    assert first.stdout.count("[always_sensitive, never_extractable]") == 3
+    softhsm = workdir / "var" / "softhsm"
+    for name in ("user.pin", "so.pin"):
+        assert stat.S_IMODE((softhsm / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE((softhsm / "tokens").stat().st_mode) == 0o700
+    user_pin = (softhsm / "user.pin").read_text()
+    so_pin = (softhsm / "so.pin").read_text()
+
+    second = set_up(workdir)
+    assert "reusing token 'tapsign'" in second.stdout
+    assert "created token-signing key" not in second.stdout
+    assert kids(second.stdout) == kids(first.stdout)
+    assert (softhsm / "user.pin").read_text() == user_pin
+
+    for output in (first.stdout + first.stderr, second.stdout + second.stderr):
+        assert user_pin not in output
+        assert so_pin not in output
+
+
+def test_keys_rotate_and_retire(workdir: Path) -> None:
+    set_up(workdir)
+    listed = run(workdir, str(TAPSIGN), "hsm", "keys")
+    before = kids(listed.stdout)
+    assert sorted(before) == ["callback-signing", "consent-signing", "token-signing"]
+    old = before["consent-signing"][0]
+
+    rotated = run(workdir, str(TAPSIGN), "hsm", "rotate", "consent-signing")
+    new = kids(rotated.stdout)["consent-signing"]
+    assert new[1] == old
+    assert new[0] != old
+    assert f"rotated consent-signing: {new[0]} is now active" in rotated.stdout
+
+    refused = run(workdir, str(TAPSIGN), "hsm", "retire", new[0], check=False)
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        f"tapsign: {new[0]} is the active consent-signing key: rotate first, then retire it\n"
+    )
+    retired = run(workdir, str(TAPSIGN), "hsm", "retire", old)
+    assert f"retired consent-signing key {old}" in retired.stdout
+    assert kids(run(workdir, str(TAPSIGN), "hsm", "keys").stdout)["consent-signing"] == [new[0]]
+
+
+def test_wrong_pin_and_bad_configuration_fail_cleanly(workdir: Path) -> None:
+    set_up(workdir)
+    wrong = run(
+        workdir, str(TAPSIGN), "hsm", "keys", check=False, environ={"TAPSIGN_HSM_PIN": "Zq9-wrong"}
+    )
+    assert wrong.returncode == 1
+    assert wrong.stderr == "tapsign: HSM login refused: the configured PIN is wrong\n"
+    assert "Zq9-wrong" not in wrong.stdout + wrong.stderr
+
+    bad = run(
+        workdir, str(TAPSIGN), "hsm", "keys", check=False, environ={"TAPSIGN_HSM_MAX_SESSIONS": "x"}
+    )
+    assert bad.returncode == 1
+    assert "Expected `int`, got `str` - at `$.hsm.max_sessions`" in bad.stderr
+
+
+def test_software_backend_only_when_asked(workdir: Path) -> None:
+    environ = {"TAPSIGN_HSM_BACKEND": "software", "TAPSIGN_HSM_PIN": "a long passphrase"}
+    created = run(workdir, str(TAPSIGN), "hsm", "init", environ=environ)
+    assert "backend: software" in created.stdout
+    assert "not in an HSM" in created.stderr
+    assert len(list((workdir / "var" / "software-keys").iterdir())) == 3
+
+
+@pytest.mark.parametrize("backend", ["openssl", "pkcs11"])
+def test_bench_verify_reports_throughput_ceiling_and_ratio(workdir: Path, backend: str) -> None:
+    if backend == "openssl" and shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    set_up(workdir)
+    completed = run(
+        workdir, str(TAPSIGN), "bench", "verify", "--backend", backend, "--seconds", "1", "--json"
+    )
+    report = json.loads(completed.stdout)
+    assert report["backend"] == backend
+    assert report["verifications"] > 0
+    assert report["ceiling_per_second"] > 0
+    assert report["ratio"] == pytest.approx(
+        report["verifier_per_second"] / report["ceiling_per_second"], abs=0.002
+    )
+    # One signature in eight of the workload is wrong; the verifier must have said so.
+    assert report["statistics"]["failed"] > 0
+    assert report["statistics"]["errors"] == 0
+
+    text = run(workdir, str(TAPSIGN), "bench", "verify", "--backend", backend, "--seconds", "1")
+    assert re.search(r"^ratio:    \d\.\d{3}$", text.stdout, re.MULTILINE)
