@@ -8,6 +8,7 @@ environment or files, never from arguments, and never printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -72,60 +73,42 @@ def hsm_init(settings: Settings, arguments: argparse.Namespace) -> None:
         )
         verb = "initialised" if created else "reusing"
         print(f"{verb} token {settings.hsm.token_label!r} ({settings.hsm.module})")
-    keyring = _keyring(settings)
-    try:
+    with _keyring(settings) as keyring:
         for key in keyring.ensure():
             print(f"created {key.purpose.value} key {key.kid}")
         _print_keys(keyring)
-    finally:
-        keyring.close()
 
 
 def hsm_keys(settings: Settings, arguments: argparse.Namespace) -> None:
-    keyring = _keyring(settings)
-    try:
+    with _keyring(settings) as keyring:
         _print_keys(keyring)
-    finally:
-        keyring.close()
 
 
 def hsm_rotate(settings: Settings, arguments: argparse.Namespace) -> None:
-    keyring = _keyring(settings)
-    try:
+    with _keyring(settings) as keyring:
         key = keyring.rotate(KeyPurpose(arguments.purpose))
         print(f"rotated {key.purpose.value}: {key.kid} is now active")
         _print_keys(keyring)
-    finally:
-        keyring.close()
 
 
 def hsm_retire(settings: Settings, arguments: argparse.Namespace) -> None:
-    keyring = _keyring(settings)
-    try:
+    with _keyring(settings) as keyring:
         key = keyring.retire(arguments.kid)
         print(f"retired {key.purpose.value} key {key.kid}: destroyed and no longer published")
-    finally:
-        keyring.close()
 
 
 def bench_verify_command(settings: Settings, arguments: argparse.Namespace) -> None:
     verifier_settings = msgspec.structs.replace(settings.verifier, backend=arguments.backend)
-    keyring = _keyring(settings) if arguments.backend == "pkcs11" else None
-    try:
-        backend = make_verify_backend(verifier_settings, keyring)
-        token = (
-            keyring.store.token if keyring and isinstance(keyring.store, Pkcs11KeyStore) else None
-        )
+    with contextlib.ExitStack() as stack:
+        keyring = stack.enter_context(_keyring(settings)) if arguments.backend == "pkcs11" else None
+        store = keyring.store if keyring is not None else None
         report = bench_verify(
-            backend,
+            make_verify_backend(verifier_settings, keyring),
             verifier_settings,
-            token=token,
+            token=store.token if isinstance(store, Pkcs11KeyStore) else None,
             seconds=arguments.seconds,
             concurrency=arguments.concurrency,
         )
-    finally:
-        if keyring is not None:
-            keyring.close()
     if arguments.json:
         sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(report)) + b"\n")
         return

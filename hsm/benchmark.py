@@ -29,14 +29,14 @@ import trio
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Mechanism, Object
 
 from engine.errors import TapsignError
 from hsm import ecdsa
-from hsm.pkcs11_token import Pkcs11Token, PooledSession, can_verify
+from hsm.pkcs11_token import Pkcs11Token, PooledSession
 from hsm.settings import VerifierSettings
 from hsm.verifier import BatchVerifier, VerifierStatistics
-from hsm.verify_backends import VerifyBackend, VerifyItem
+from hsm.verify_backends import VerifyBackend, VerifyItem, import_public_key
 
 WORKLOAD_KEYS = 1024
 
@@ -153,17 +153,7 @@ def pkcs11_ceiling(
         raise BenchmarkError("the workload holds a malformed signature")
 
     def loop(pooled: PooledSession) -> float:
-        created = pooled.session.create_object(
-            {
-                Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-                Attribute.KEY_TYPE: KeyType.EC,
-                Attribute.TOKEN: False,
-                Attribute.VERIFY: True,
-                Attribute.EC_PARAMS: ecdsa.P256_EC_PARAMS,
-                Attribute.EC_POINT: b"\x04\x41" + point,
-            }
-        )
-        key = can_verify(created)
+        key = import_public_key(pooled, point)
         count = 0
         started = time.perf_counter()
         deadline = started + seconds
@@ -173,7 +163,8 @@ def pkcs11_ceiling(
                     raise BenchmarkError("the ceiling loop failed to verify a valid signature")
             count += 100
         elapsed = time.perf_counter() - started
-        created.destroy()
+        if isinstance(key, Object):
+            key.destroy()
         return count / elapsed
 
     return token.run(loop)

@@ -113,7 +113,7 @@ class Keyring:
 
     def key(self, kid: str) -> KeyInfo:
         for key in self._keys:
-            if secrets.compare_digest(key.kid.encode(), kid.encode()):
+            if key.kid == kid:
                 return key
         raise KeyNotFound("no key with that kid")
 
@@ -163,6 +163,12 @@ class Keyring:
 
     def close(self) -> None:
         self._store.close()
+
+    def __enter__(self) -> Keyring:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def open_keyring(settings: HsmSettings, *, pin: str) -> Keyring:

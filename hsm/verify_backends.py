@@ -101,6 +101,22 @@ class OpenSSLVerifyBackend:
         return prepared.outcomes
 
 
+def import_public_key(pooled: PooledSession, point: bytes) -> VerifyMixin:
+    """A P-256 public key as a session object (gone when the session closes)."""
+    created = pooled.session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.KEY_TYPE: KeyType.EC,
+            Attribute.TOKEN: False,
+            Attribute.VERIFY: True,
+            Attribute.EC_PARAMS: ecdsa.P256_EC_PARAMS,
+            # CKA_EC_POINT is the DER OCTET STRING of the point (PKCS#11 v2.40 §2.3.3).
+            Attribute.EC_POINT: b"\x04\x41" + point,
+        }
+    )
+    return can_verify(created)
+
+
 class Pkcs11VerifyBackend:
     """``C_Verify`` on the token, with public keys imported once per session.
 
@@ -140,18 +156,7 @@ class Pkcs11VerifyBackend:
         if key is not None:
             cache.move_to_end(point)
             return key
-        created = pooled.session.create_object(
-            {
-                Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-                Attribute.KEY_TYPE: KeyType.EC,
-                Attribute.TOKEN: False,
-                Attribute.VERIFY: True,
-                Attribute.EC_PARAMS: ecdsa.P256_EC_PARAMS,
-                # CKA_EC_POINT is the DER OCTET STRING of the point (PKCS#11 v2.40 §2.3.3).
-                Attribute.EC_POINT: b"\x04\x41" + point,
-            }
-        )
-        key = cache[point] = can_verify(created)
+        key = cache[point] = import_public_key(pooled, point)
         if len(cache) > self._key_cache:
             _, evicted = cache.popitem(last=False)
             if isinstance(evicted, pkcs11.Object):
