@@ -27,6 +27,7 @@ verifying, not the service.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -142,7 +143,11 @@ class BatchVerifier:
                 task_status.started()
         finally:
             self._running = False
-            # Workers finish the batch in hand and stop; its late outcome is ignored below.
+            # Workers finish the batch in hand and stop; its late outcome is ignored
+            # (_complete checks the generation). Batches not yet taken are not verified.
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    jobs.get_nowait()
             for _ in threads:
                 jobs.put(None)
             stopped = ServiceUnavailable("the signature verifier stopped")
