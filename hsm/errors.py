@@ -73,3 +73,10 @@ class InvalidToken(TapsignError):
     def __init__(self, reason: str) -> None:
         super().__init__("the token is not valid")
         self.reason = reason
+
+
+class DecryptionFailed(HsmPermanentError):
+    """Data encrypted by the keyring failed authentication: altered, truncated or foreign."""
+
+    problem = "decryption-failed"
+    title = "Decryption failed"

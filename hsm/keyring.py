@@ -1,4 +1,4 @@
-"""tapsign's own signing keys: one active key per purpose, older ones kept for verification.
+"""tapsign's own keys: one active key per purpose, older ones kept for verification.
 
 Lifecycle (RFC 7517 §4.5 key rollover; DORA RTS (EU) 2024/1774 art. 7 key policy):
 
@@ -26,12 +26,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from hsm.errors import KeyNotFound, KeyringError
-from hsm.keystores import KeyStore, Pkcs11KeyStore, SoftwareKeyStore
+from hsm.errors import DecryptionFailed, KeyNotFound, KeyringError
+from hsm.keystores import KeyKind, KeyStore, Pkcs11KeyStore, SoftwareKeyStore
 from hsm.pkcs11_token import Pkcs11Token
 from hsm.settings import HsmSettings
 
 KID_TIME_FORMAT = "%Y%m%dT%H%M%S%f"
+NONCE_LENGTH = 12
 
 
 class KeyPurpose(StrEnum):
@@ -43,13 +44,20 @@ class KeyPurpose(StrEnum):
     CONSENT = "consent-signing"
     #: Callbacks to relying parties (JWS), verified by them from the JWKS.
     CALLBACK = "callback-signing"
+    #: AES-256-GCM for data kept but never stored in clear (post-operation contexts).
+    DATA = "data-encryption"
+
+    @property
+    def kind(self) -> KeyKind:
+        return "encryption" if self is KeyPurpose.DATA else "signing"
 
 
 @dataclass(frozen=True, slots=True)
 class KeyInfo:
     purpose: KeyPurpose
     kid: str
-    public_key: ec.EllipticCurvePublicKey
+    #: None for an encryption key.
+    public_key: ec.EllipticCurvePublicKey | None
     active: bool
 
     @property
@@ -58,6 +66,8 @@ class KeyInfo:
 
     def jwk(self) -> dict[str, Any]:
         """The public JWK (RFC 7517 §4, RFC 7518 §6.2) with its kid, use and alg."""
+        if self.public_key is None:
+            raise KeyNotFound(f"{self.kid} is an encryption key and has no public JWK")
         jwk = ECAlgorithm.to_jwk(self.public_key, as_dict=True)
         return {**jwk, "kid": self.kid, "use": "sig", "alg": "ES256"}
 
@@ -123,7 +133,9 @@ class Keyring:
             present = {key.purpose for key in self._keys}
             missing = [purpose for purpose in KeyPurpose if purpose not in present]
             for purpose in missing:
-                self._store.generate(purpose=purpose.value, kid=new_kid(datetime.now(UTC)))
+                self._store.generate(
+                    purpose=purpose.value, kid=new_kid(datetime.now(UTC)), kind=purpose.kind
+                )
             self.refresh()
         return [self.active(purpose) for purpose in missing]
 
@@ -136,7 +148,7 @@ class Keyring:
             if newest is not None:
                 created = max(created, newest.created + timedelta(microseconds=1))
             kid = new_kid(created)
-            self._store.generate(purpose=purpose.value, kid=kid)
+            self._store.generate(purpose=purpose.value, kid=kid, kind=purpose.kind)
             self.refresh()
         return self.active(purpose)
 
@@ -157,9 +169,33 @@ class Keyring:
         key = self.key(kid)
         return self._store.sign_digest(kid=key.kid, digest=hashlib.sha256(message).digest())
 
+    def encrypt(self, plaintext: bytes, *, aad: bytes) -> bytes:
+        """AES-256-GCM with the active data key; ``aad`` binds the ciphertext to its context.
+
+        The result is ``kid || 0x00 || nonce || ciphertext || tag``, so that it decrypts after
+        a rotation. Nonces are random (96 bits): NIST SP 800-38D §8.3 allows 2^32 messages
+        per key; rotate the data key long before (``tapsign hsm rotate data-encryption``).
+        """
+        kid = self.active(KeyPurpose.DATA).kid
+        nonce = secrets.token_bytes(NONCE_LENGTH)
+        ciphertext = self._store.encrypt(kid=kid, nonce=nonce, plaintext=plaintext, aad=aad)
+        return kid.encode() + b"\x00" + nonce + ciphertext
+
+    def decrypt(self, blob: bytes, *, aad: bytes) -> bytes:
+        """The plaintext of :meth:`encrypt`'s output, or :class:`DecryptionFailed`."""
+        kid, separator, rest = blob.partition(b"\x00")
+        if not separator or len(rest) < NONCE_LENGTH + 16:
+            raise DecryptionFailed("not data encrypted by this keyring")
+        key = self.key(kid.decode("ascii", errors="replace"))
+        if key.purpose is not KeyPurpose.DATA:
+            raise DecryptionFailed("not data encrypted by this keyring")
+        return self._store.decrypt(
+            kid=key.kid, nonce=rest[:NONCE_LENGTH], ciphertext=rest[NONCE_LENGTH:], aad=aad
+        )
+
     def jwks(self) -> dict[str, list[dict[str, Any]]]:
-        """The JWK Set (RFC 7517 §5) of every published key."""
-        return {"keys": [key.jwk() for key in self._keys]}
+        """The JWK Set (RFC 7517 §5) of every published signing key."""
+        return {"keys": [key.jwk() for key in self._keys if key.public_key is not None]}
 
     def close(self) -> None:
         self._store.close()

@@ -1,7 +1,9 @@
-"""Where private keys live: a PKCS#11 token, or (explicitly chosen) encrypted files.
+"""Where tapsign's keys live: a PKCS#11 token, or (explicitly chosen) encrypted files.
 
-A key store knows objects, not policy: it generates, lists, destroys and signs with keys
-named by ``(purpose, kid)``. Which key is active, rotation and JWKS are the
+A key store knows objects, not policy: it generates, lists, destroys and uses keys named by
+``(purpose, kid)``. Two kinds exist: ``signing`` keys (ECDSA P-256, ES256) and
+``encryption`` keys (AES-256-GCM, for data tapsign must keep but must not store in clear,
+such as post-operation contexts). Which key is active, rotation and the JWKS are the
 :class:`~hsm.keyring.Keyring`'s business, written once for both stores.
 """
 
@@ -10,21 +12,48 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import pkcs11
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
-from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass, exceptions
+from pkcs11.mechanisms import GCMParams
 
 from hsm import ecdsa
-from hsm.errors import HsmPermanentError, KeyNotFound
-from hsm.pkcs11_token import Pkcs11Token, PooledSession, can_sign
+from hsm.errors import DecryptionFailed, HsmPermanentError, KeyNotFound
+from hsm.pkcs11_token import (
+    Pkcs11Token,
+    PooledSession,
+    can_decrypt,
+    can_encrypt,
+    can_sign,
+)
 
 log = logging.getLogger(__name__)
 
+KeyKind = Literal["signing", "encryption"]
+#: ``(purpose, kid, public key)``; encryption keys have no public key.
+StoredKey = tuple[str, str, ec.EllipticCurvePublicKey | None]
+
 _ECDSA_PREHASHED = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
+GCM_TAG_BITS = 128
+
+# Set every attribute explicitly: token defaults differ (SoftHSM2 leaves SENSITIVE false,
+# python-pkcs11 adds DERIVE). PSD2 RTS art. 22(2)(b)-(c); checklist item 17.
+_SECRET_ATTRIBUTES = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.DERIVE: False,
+    Attribute.MODIFIABLE: False,
+}
 
 
 class KeyStore(Protocol):
@@ -32,16 +61,24 @@ class KeyStore(Protocol):
 
     name: str
 
-    def generate(self, *, purpose: str, kid: str) -> ec.EllipticCurvePublicKey: ...
+    def generate(self, *, purpose: str, kid: str, kind: KeyKind) -> None: ...
 
-    def load(self) -> list[tuple[str, str, ec.EllipticCurvePublicKey]]:
-        """Every ``(purpose, kid, public key)`` in the store."""
+    def load(self) -> list[StoredKey]:
+        """Every key in the store."""
         ...
 
     def destroy(self, *, purpose: str, kid: str) -> None: ...
 
     def sign_digest(self, *, kid: str, digest: bytes) -> bytes:
         """Raw ``r || s`` ECDSA signature of a SHA-256 ``digest``."""
+        ...
+
+    def encrypt(self, *, kid: str, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        """AES-256-GCM ciphertext followed by its 16-byte tag."""
+        ...
+
+    def decrypt(self, *, kid: str, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        """The plaintext, or :class:`~hsm.errors.DecryptionFailed` if anything was altered."""
         ...
 
     def close(self) -> None: ...
@@ -60,53 +97,60 @@ class Pkcs11KeyStore:
     def __init__(self, token: Pkcs11Token) -> None:
         self.token = token
 
-    def generate(self, *, purpose: str, kid: str) -> ec.EllipticCurvePublicKey:
-        def generate(pooled: PooledSession) -> bytes:
+    def generate(self, *, purpose: str, kid: str, kind: KeyKind) -> None:
+        def generate(pooled: PooledSession) -> None:
+            if kind == "encryption":
+                pooled.session.generate_key(
+                    KeyType.AES,
+                    256,
+                    id=kid.encode(),
+                    label=label_of(purpose, kid),
+                    store=True,
+                    capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                    template={**_SECRET_ATTRIBUTES, Attribute.WRAP: False, Attribute.UNWRAP: False},
+                )
+                return
             parameters = pooled.session.create_domain_parameters(
                 KeyType.EC, {Attribute.EC_PARAMS: ecdsa.P256_EC_PARAMS}, local=True
             )
-            public, _ = parameters.generate_keypair(
+            parameters.generate_keypair(
                 id=kid.encode(),
                 label=label_of(purpose, kid),
                 store=True,
                 capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
                 public_template={Attribute.TOKEN: True, Attribute.PRIVATE: False},
-                # Set every attribute explicitly: token defaults differ (SoftHSM2 leaves
-                # SENSITIVE false, python-pkcs11 adds DERIVE). PSD2 RTS art. 22(2).
-                private_template={
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                    Attribute.DERIVE: False,
-                    Attribute.SIGN: True,
-                    Attribute.MODIFIABLE: False,
-                },
+                private_template={**_SECRET_ATTRIBUTES, Attribute.SIGN: True},
             )
-            return _point_of(public)
 
         # Not retried: a retry after a lost session could leave two keys with one kid.
-        return ecdsa.load_public_key(self.token.run(generate, retry=False))
+        self.token.run(generate, retry=False)
 
-    def load(self) -> list[tuple[str, str, ec.EllipticCurvePublicKey]]:
-        def load(pooled: PooledSession) -> list[tuple[str, str, bytes]]:
-            found = []
-            for public in pooled.session.get_objects(
-                {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.EC}
+    def load(self) -> list[StoredKey]:
+        def load(pooled: PooledSession) -> list[tuple[str, str, bytes | None]]:
+            found: list[tuple[str, str, bytes | None]] = []
+            for template in (
+                {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.EC},
+                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES},
             ):
-                purpose, _, kid = str(public[Attribute.LABEL]).partition("/")
-                if kid and bytes(public[Attribute.ID]) == kid.encode():
-                    found.append((purpose, kid, _point_of(public)))
+                for stored in pooled.session.get_objects(template):
+                    purpose, _, kid = str(stored[Attribute.LABEL]).partition("/")
+                    if kid and bytes(stored[Attribute.ID]) == kid.encode():
+                        public = template[Attribute.CLASS] is ObjectClass.PUBLIC_KEY
+                        found.append((purpose, kid, _point_of(stored) if public else None))
             return found
 
         return [
-            (purpose, kid, ecdsa.load_public_key(point))
+            (purpose, kid, None if point is None else ecdsa.load_public_key(point))
             for purpose, kid, point in self.token.run(load)
         ]
 
     def destroy(self, *, purpose: str, kid: str) -> None:
         def destroy(pooled: PooledSession) -> None:
-            for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+            for object_class in (
+                ObjectClass.PRIVATE_KEY,
+                ObjectClass.PUBLIC_KEY,
+                ObjectClass.SECRET_KEY,
+            ):
                 for found in pooled.session.get_objects(
                     {Attribute.CLASS: object_class, Attribute.ID: kid.encode()}
                 ):
@@ -117,19 +161,42 @@ class Pkcs11KeyStore:
 
     def sign_digest(self, *, kid: str, digest: bytes) -> bytes:
         def sign(pooled: PooledSession) -> bytes:
-            key = pooled.private_keys.get(kid)
-            if key is None:
-                key = pooled.private_keys[kid] = can_sign(
-                    pooled.session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=kid.encode())
-                )
+            key = can_sign(_handle(pooled, ObjectClass.PRIVATE_KEY, kid))
             # SoftHSM2 has no CKM_ECDSA_SHA256: the host hashes, the token signs the digest
             # with raw CKM_ECDSA, whose output is already r || s (PKCS#11 v2.40 §2.3.6).
             return bytes(key.sign(digest, mechanism=Mechanism.ECDSA))
 
         return self.token.run(sign)
 
+    def encrypt(self, *, kid: str, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        def encrypt(pooled: PooledSession) -> bytes:
+            key = can_encrypt(_handle(pooled, ObjectClass.SECRET_KEY, kid))
+            parameters = GCMParams(nonce, aad, GCM_TAG_BITS)
+            return _whole(
+                key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=parameters)
+            )
+
+        return self.token.run(encrypt)
+
+    def decrypt(self, *, kid: str, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        def decrypt(pooled: PooledSession) -> bytes:
+            key = can_decrypt(_handle(pooled, ObjectClass.SECRET_KEY, kid))
+            parameters = GCMParams(nonce, aad, GCM_TAG_BITS)
+            try:
+                return _whole(
+                    key.decrypt(ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=parameters)
+                )
+            except (
+                exceptions.EncryptedDataInvalid,
+                exceptions.EncryptedDataLenRange,
+                exceptions.GeneralError,  # SoftHSM2's answer to a wrong GCM tag
+            ) as exc:
+                raise DecryptionFailed("the encrypted data was altered or is not ours") from exc
+
+        return self.token.run(decrypt)
+
     def private_key_attributes(self, kid: str) -> dict[str, bool]:
-        """The security attributes of a private key as the token reports them (for audits)."""
+        """Security attributes of a private or secret key as the token reports them (audits)."""
         names = (
             Attribute.TOKEN,
             Attribute.PRIVATE,
@@ -138,18 +205,38 @@ class Pkcs11KeyStore:
             Attribute.EXTRACTABLE,
             Attribute.NEVER_EXTRACTABLE,
             Attribute.DERIVE,
-            Attribute.SIGN,
             Attribute.LOCAL,
         )
 
         def read(pooled: PooledSession) -> dict[str, bool]:
-            key = pooled.session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=kid.encode())
-            return {name.name: bool(key[name]) for name in names}
+            for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.SECRET_KEY):
+                for key in pooled.session.get_objects(
+                    {Attribute.CLASS: object_class, Attribute.ID: kid.encode()}
+                ):
+                    return {name.name: bool(key[name]) for name in names}
+            raise KeyNotFound("no such key on the HSM token")
 
         return self.token.run(read)
 
     def close(self) -> None:
         self.token.close()
+
+
+def _handle(pooled: PooledSession, object_class: ObjectClass, kid: str) -> pkcs11.Object:
+    """The key object ``kid`` of this session, found once and then remembered."""
+    handle = pooled.key_handles.get(kid)
+    if handle is None:
+        handle = pooled.key_handles[kid] = pooled.session.get_key(
+            object_class=object_class, id=kid.encode()
+        )
+    return handle
+
+
+def _whole(result: bytes | Iterator[bytes]) -> bytes:
+    # python-pkcs11 returns an iterator only for iterator input, which tapsign never passes.
+    if not isinstance(result, bytes):
+        raise HsmPermanentError("the HSM returned a stream where one value was expected")
+    return result
 
 
 def _point_of(public: pkcs11.Object) -> bytes:
@@ -161,11 +248,13 @@ def _point_of(public: pkcs11.Object) -> bytes:
 
 
 class SoftwareKeyStore:
-    """Private keys in files under a directory, each encrypted with the configured passphrase.
+    """Keys in files under a directory, protected by the configured passphrase.
 
-    For machines without any PKCS#11 module. The keys are as safe as the passphrase and the
-    file permissions (0600 in a 0700 directory); this is not an HSM, and tapsign says so in
-    its log every time it starts with this store.
+    Signing keys are PKCS#8 files encrypted with the passphrase; an encryption key is a
+    random salt from which scrypt derives the AES key with the passphrase, so no key
+    material is on disk in clear. For machines without any PKCS#11 module: the keys are as
+    safe as the passphrase and the file permissions (0600 in a 0700 directory). This is not
+    an HSM, and tapsign says so in its log every time it starts with this store.
     """
 
     name = "software"
@@ -179,31 +268,46 @@ class SoftwareKeyStore:
         self.directory = directory
         self._passphrase = passphrase.encode()
         self._lock = threading.Lock()
-        self._keys: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._signing: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._encryption: dict[str, AESGCM] = {}
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def _path(self, purpose: str, kid: str) -> Path:
-        return self.directory / f"{purpose}__{kid}.pem"
+    def _path(self, purpose: str, kid: str, kind: KeyKind) -> Path:
+        return self.directory / f"{purpose}__{kid}.{'pem' if kind == 'signing' else 'salt'}"
 
-    def generate(self, *, purpose: str, kid: str) -> ec.EllipticCurvePublicKey:
-        key = ec.generate_private_key(ec.SECP256R1())
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(self._passphrase),
+    def _aes(self, salt: bytes) -> AESGCM:
+        return AESGCM(Scrypt(salt=salt, length=32, n=2**15, r=8, p=1).derive(self._passphrase))
+
+    def generate(self, *, purpose: str, kid: str, kind: KeyKind) -> None:
+        if kind == "signing":
+            key = ec.generate_private_key(ec.SECP256R1())
+            content = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(self._passphrase),
+            )
+        else:
+            content = os.urandom(16)
+        descriptor = os.open(
+            self._path(purpose, kid, kind), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
         )
-        path = self._path(purpose, kid)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as file:
-            file.write(pem)
+            file.write(content)
         with self._lock:
-            self._keys[kid] = key
-        return key.public_key()
+            if kind == "signing":
+                self._signing[kid] = key
+            else:
+                self._encryption[kid] = self._aes(content)
 
-    def load(self) -> list[tuple[str, str, ec.EllipticCurvePublicKey]]:
-        found = []
-        for path in sorted(self.directory.glob("*__*.pem")):
+    def load(self) -> list[StoredKey]:
+        found: list[StoredKey] = []
+        for path in sorted(self.directory.glob("*__*.*")):
             purpose, _, kid = path.stem.partition("__")
+            if path.suffix == ".salt":
+                with self._lock:
+                    self._encryption[kid] = self._aes(path.read_bytes())
+                found.append((purpose, kid, None))
+                continue
             try:
                 key = serialization.load_pem_private_key(path.read_bytes(), self._passphrase)
             except (ValueError, TypeError) as exc:
@@ -213,22 +317,40 @@ class SoftwareKeyStore:
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 raise HsmPermanentError(f"the software key {path.name} is not an EC key")
             with self._lock:
-                self._keys[kid] = key
+                self._signing[kid] = key
             found.append((purpose, kid, key.public_key()))
         return found
 
     def destroy(self, *, purpose: str, kid: str) -> None:
-        self._path(purpose, kid).unlink(missing_ok=True)
+        for kind in ("signing", "encryption"):
+            self._path(purpose, kid, kind).unlink(missing_ok=True)
         with self._lock:
-            self._keys.pop(kid, None)
+            self._signing.pop(kid, None)
+            self._encryption.pop(kid, None)
 
     def sign_digest(self, *, kid: str, digest: bytes) -> bytes:
-        key = self._keys.get(kid)
+        key = self._signing.get(kid)
         if key is None:
             raise KeyNotFound("no such software key")
         r, s = utils.decode_dss_signature(key.sign(digest, _ECDSA_PREHASHED))
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
+    def encrypt(self, *, kid: str, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        return self._cipher(kid).encrypt(nonce, plaintext, aad)
+
+    def decrypt(self, *, kid: str, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        try:
+            return self._cipher(kid).decrypt(nonce, ciphertext, aad)
+        except InvalidTag as exc:
+            raise DecryptionFailed("the encrypted data was altered or is not ours") from exc
+
+    def _cipher(self, kid: str) -> AESGCM:
+        cipher = self._encryption.get(kid)
+        if cipher is None:
+            raise KeyNotFound("no such software key")
+        return cipher
+
     def close(self) -> None:
         with self._lock:
-            self._keys.clear()
+            self._signing.clear()
+            self._encryption.clear()

@@ -41,7 +41,7 @@ from typing import TypeVar
 
 import pkcs11
 from pkcs11 import _pkcs11, exceptions
-from pkcs11.types import SignMixin, VerifyMixin
+from pkcs11.types import DecryptMixin, EncryptMixin, SignMixin, VerifyMixin
 
 from hsm.errors import (
     HsmError,
@@ -228,7 +228,8 @@ class PooledSession:
 
     session: pkcs11.Session
     generation: int
-    private_keys: dict[str, SignMixin] = field(default_factory=dict)
+    #: Private and secret key objects of the keyring, by kid.
+    key_handles: dict[str, pkcs11.Object] = field(default_factory=dict)
     #: Public keys imported as session objects for ``C_Verify``, least recently used first.
     public_keys: OrderedDict[bytes, VerifyMixin] = field(default_factory=OrderedDict)
     key_epoch: int = 0
@@ -303,7 +304,7 @@ class Pkcs11Token:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def forget_keys(self) -> None:
-        """Drop cached private-key handles in every session (after a key is destroyed)."""
+        """Drop cached key handles in every session (after a key is destroyed)."""
         with self._condition:
             self._key_epoch += 1
 
@@ -351,7 +352,7 @@ class Pkcs11Token:
                         _close_quietly(pooled.session)
                         continue
                     if pooled.key_epoch != self._key_epoch:
-                        pooled.private_keys.clear()
+                        pooled.key_handles.clear()
                         pooled.key_epoch = self._key_epoch
                     return pooled
                 if self._open_sessions < self._max_sessions:
@@ -446,6 +447,20 @@ def can_sign(found: pkcs11.Object) -> SignMixin:
     """``found`` as a signing key, or :class:`HsmPermanentError` if ``CKA_SIGN`` is false."""
     if not isinstance(found, SignMixin):
         raise HsmPermanentError("the HSM key object cannot sign")
+    return found
+
+
+def can_encrypt(found: pkcs11.Object) -> EncryptMixin:
+    """``found`` as an encryption key, or :class:`HsmPermanentError` if ``CKA_ENCRYPT`` is false."""
+    if not isinstance(found, EncryptMixin):
+        raise HsmPermanentError("the HSM key object cannot encrypt")
+    return found
+
+
+def can_decrypt(found: pkcs11.Object) -> DecryptMixin:
+    """``found`` as a decryption key, or :class:`HsmPermanentError` if ``CKA_DECRYPT`` is false."""
+    if not isinstance(found, DecryptMixin):
+        raise HsmPermanentError("the HSM key object cannot decrypt")
     return found
 
 

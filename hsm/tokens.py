@@ -59,6 +59,8 @@ class TokenSigner:
     """Issues and checks JWTs with the keys of one purpose. ``encode`` blocks on the HSM."""
 
     def __init__(self, keyring: Keyring, purpose: KeyPurpose, *, issuer: str) -> None:
+        if purpose.kind != "signing":
+            raise ValueError(f"{purpose.value} keys do not sign")
         self.keyring = keyring
         self.purpose = purpose
         self.issuer = issuer
@@ -93,7 +95,7 @@ class TokenSigner:
             if not isinstance(kid, str):
                 raise InvalidToken("no kid in the header")
             key = self.keyring.key(kid)
-            if key.purpose is not self.purpose:
+            if key.purpose is not self.purpose or key.public_key is None:
                 raise InvalidToken(f"kid {kid} belongs to {key.purpose.value}")
             return jwt.decode(
                 token,

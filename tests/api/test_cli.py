@@ -56,7 +56,9 @@ def set_up(workdir: Path) -> subprocess.CompletedProcess[str]:
 
 def kids(output: str) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
-    for purpose, kid in re.findall(r"^  (\S+-signing)\s+(\S+)\s", output, re.MULTILINE):
+    for purpose, kid in re.findall(
+        r"^  (\S+-(?:signing|encryption))\s+(\S+)\s", output, re.MULTILINE
+    ):
         found.setdefault(purpose, []).append(kid)
     return found
 
@@ -64,8 +66,8 @@ def kids(output: str) -> dict[str, list[str]]:
 def test_token_set_up_is_idempotent_and_keeps_secrets_private(workdir: Path) -> None:
     first = set_up(workdir)
     assert "initialised token 'tapsign'" in first.stdout
-    assert first.stdout.count("created ") == 6  # "created <purpose> key" and "created <date>"
-    assert first.stdout.count("[always_sensitive, never_extractable]") == 3
+    assert first.stdout.count("created ") == 8  # "created <purpose> key" and "created <date>"
+    assert first.stdout.count("[always_sensitive, never_extractable]") == 4
     softhsm = workdir / "var" / "softhsm"
     for name in ("user.pin", "so.pin"):
         assert stat.S_IMODE((softhsm / name).stat().st_mode) == 0o600
@@ -88,7 +90,12 @@ def test_keys_rotate_and_retire(workdir: Path) -> None:
     set_up(workdir)
     listed = run(workdir, str(TAPSIGN), "hsm", "keys")
     before = kids(listed.stdout)
-    assert sorted(before) == ["callback-signing", "consent-signing", "token-signing"]
+    assert sorted(before) == [
+        "callback-signing",
+        "consent-signing",
+        "data-encryption",
+        "token-signing",
+    ]
     old = before["consent-signing"][0]
 
     rotated = run(workdir, str(TAPSIGN), "hsm", "rotate", "consent-signing")
@@ -128,7 +135,7 @@ def test_software_backend_only_when_asked(workdir: Path) -> None:
     created = run(workdir, str(TAPSIGN), "hsm", "init", environ=environ)
     assert "backend: software" in created.stdout
     assert "not in an HSM" in created.stderr
-    assert len(list((workdir / "var" / "software-keys").iterdir())) == 3
+    assert len(list((workdir / "var" / "software-keys").iterdir())) == 4
 
 
 @pytest.mark.parametrize("backend", ["openssl", "pkcs11"])

@@ -12,7 +12,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, ObjectClass, exceptions
 
-from hsm.errors import HsmPermanentError, HsmTransientError, KeyNotFound, KeyringError
+from hsm.errors import (
+    DecryptionFailed,
+    HsmPermanentError,
+    HsmTransientError,
+    KeyNotFound,
+    KeyringError,
+)
 from hsm.keyring import KeyPurpose, Keyring, open_keyring
 from hsm.keystores import Pkcs11KeyStore, SoftwareKeyStore
 from hsm.pkcs11_token import Pkcs11Token, PooledSession, _function_list, session_handle
@@ -20,7 +26,8 @@ from hsm.settings import HsmSettings
 from tests.conftest import USER_PIN, TokenFactory
 
 
-def verifies(key: ec.EllipticCurvePublicKey, message: bytes, raw: bytes) -> bool:
+def verifies(key: ec.EllipticCurvePublicKey | None, message: bytes, raw: bytes) -> bool:
+    assert key is not None
     assert len(raw) == 64
     der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
     try:
@@ -40,7 +47,7 @@ def test_ensure_creates_one_key_per_purpose_once(keyring: Keyring) -> None:
     assert sorted(key.purpose for key in created) == sorted(KeyPurpose)
     assert all(key.active for key in created)
     assert keyring.ensure() == []
-    assert len(keyring.published()) == 3
+    assert len(keyring.published()) == 4
 
 
 def test_private_keys_are_sensitive_and_never_extractable(keyring: Keyring) -> None:
@@ -58,7 +65,6 @@ def test_private_keys_are_sensitive_and_never_extractable(keyring: Keyring) -> N
             "EXTRACTABLE": False,
             "NEVER_EXTRACTABLE": True,
             "DERIVE": False,
-            "SIGN": True,
             "LOCAL": True,
         }
 
@@ -141,7 +147,7 @@ def test_keys_are_token_objects_seen_by_a_new_keyring(
 def test_jwks_is_public_ec_keys_with_kid_use_alg(keyring: Keyring) -> None:
     keyring.ensure()
     jwks = keyring.jwks()
-    assert len(jwks["keys"]) == 3
+    assert len(jwks["keys"]) == 3  # the data-encryption key has no public part
     for jwk in jwks["keys"]:
         assert set(jwk) == {"kty", "crv", "x", "y", "kid", "use", "alg"}
         assert (jwk["kty"], jwk["crv"], jwk["use"], jwk["alg"]) == ("EC", "P-256", "sig", "ES256")
@@ -225,22 +231,27 @@ def test_software_store_is_explicit_encrypted_and_private(
     assert "not in an HSM" in caplog.text
     assert keyring.backend == "software"
     created = keyring.ensure()
-    assert len(created) == 3
+    assert len(created) == 4
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     files = sorted(directory.iterdir())
-    assert len(files) == 3
+    assert len(files) == 4
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        assert path.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        if path.suffix == ".pem":
+            assert path.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        else:
+            assert len(path.read_bytes()) == 16  # a salt; the AES key is derived, never stored
 
     kid = keyring.active(KeyPurpose.CALLBACK).kid
     assert verifies(keyring.key(kid).public_key, b"m", keyring.sign(kid, b"m"))
     rotated = keyring.rotate(KeyPurpose.CALLBACK)
     keyring.retire(kid)
-    assert len(list(directory.iterdir())) == 3
+    assert len(list(directory.iterdir())) == 4
+    sealed = keyring.encrypt(b"card PIN 1234", aad=b"operation 1")
 
     reopened = open_keyring(settings, pin="a passphrase")
     assert reopened.active(KeyPurpose.CALLBACK).kid == rotated.kid
+    assert reopened.decrypt(sealed, aad=b"operation 1") == b"card PIN 1234"
     with pytest.raises(HsmPermanentError, match=r"^cannot decrypt the software key .*: wrong"):
         open_keyring(settings, pin="another passphrase")
 
@@ -249,3 +260,36 @@ def test_software_sign_unknown_kid(tmp_path: Path) -> None:
     store = SoftwareKeyStore(tmp_path, "pass")
     with pytest.raises(KeyNotFound, match=r"^no such software key$"):
         store.sign_digest(kid="nope", digest=bytes(32))
+
+
+def test_data_encryption_in_the_hsm(keyring: Keyring) -> None:
+    keyring.ensure()
+    data_key = keyring.active(KeyPurpose.DATA)
+    assert data_key.public_key is None
+    store = keyring.store
+    assert isinstance(store, Pkcs11KeyStore)
+    attributes = store.private_key_attributes(data_key.kid)
+    assert attributes["NEVER_EXTRACTABLE"]
+    assert attributes["ALWAYS_SENSITIVE"]
+
+    sealed = keyring.encrypt(b"card PIN 4321", aad=b"operation-1")
+    assert b"4321" not in sealed
+    assert sealed != keyring.encrypt(b"card PIN 4321", aad=b"operation-1")  # random nonces
+    assert keyring.decrypt(sealed, aad=b"operation-1") == b"card PIN 4321"
+
+    with pytest.raises(DecryptionFailed, match=r"^the encrypted data was altered or is not ours$"):
+        keyring.decrypt(sealed, aad=b"operation-2")
+    tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    with pytest.raises(DecryptionFailed, match=r"^the encrypted data was altered or is not ours$"):
+        keyring.decrypt(tampered, aad=b"operation-1")
+    with pytest.raises(DecryptionFailed, match=r"^not data encrypted by this keyring$"):
+        keyring.decrypt(b"garbage", aad=b"operation-1")
+    signing_kid = keyring.active(KeyPurpose.TOKEN).kid.encode()
+    with pytest.raises(DecryptionFailed, match=r"^not data encrypted by this keyring$"):
+        keyring.decrypt(signing_kid + sealed[sealed.index(b"\x00") :], aad=b"operation-1")
+
+    keyring.rotate(KeyPurpose.DATA)
+    assert keyring.decrypt(sealed, aad=b"operation-1") == b"card PIN 4321"
+    keyring.retire(data_key.kid)
+    with pytest.raises(KeyNotFound, match=r"^no key with that kid$"):
+        keyring.decrypt(sealed, aad=b"operation-1")
