@@ -50,3 +50,76 @@ class ConfigurationError(TapsignError):
 
     problem = "configuration-error"
     title = "Configuration error"
+
+
+class InvalidInput(TapsignError):
+    """A request is well formed but a value is not acceptable; ``field`` names it."""
+
+    status = 422
+    problem = "invalid-input"
+    title = "Invalid input"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class NotFound(TapsignError):
+    status = 404
+    problem = "not-found"
+    title = "Not found"
+
+
+class UserNotFound(NotFound):
+    problem = "user-not-found"
+    title = "User not found"
+
+
+class DeviceNotFound(NotFound):
+    problem = "authenticator-not-found"
+    title = "Authenticator not found"
+
+
+class OperationNotFound(NotFound):
+    problem = "transaction-not-found"
+    title = "Transaction not found"
+
+
+class Conflict(TapsignError):
+    """The request is valid but the current state of a record does not allow it."""
+
+    status = 409
+    problem = "conflict"
+    title = "Conflict"
+
+
+class UsernameTaken(Conflict):
+    problem = "username-taken"
+    title = "Username taken"
+
+
+class UserNotActive(Conflict):
+    problem = "user-not-active"
+    title = "User not active"
+
+
+class DeviceNotActive(Conflict):
+    problem = "authenticator-not-active"
+    title = "Authenticator not active"
+
+
+class OperationNotPending(Conflict):
+    """The operation has ended (or is being completed): answers and cancels are refused.
+
+    A replayed answer lands here and changes nothing (PSD2 RTS art. 4(1)).
+    """
+
+    problem = "transaction-not-pending"
+    title = "Transaction not pending"
+
+
+class IllegalTransition(Conflict):
+    """The state machine refused an event in the current state; the state is unchanged."""
+
+    problem = "illegal-transition"
+    title = "Illegal transition"

@@ -1,0 +1,1 @@
+"""Alembic migrations of the tapsign database; run by :func:`engine.store.Store.migrate`."""

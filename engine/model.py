@@ -1,0 +1,241 @@
+"""The domain's vocabulary: users, devices, operations and the device's answer.
+
+Records are frozen msgspec structs: the store builds them from rows, the engine passes them
+around, nothing mutates them. Input limits live here, as ``msgspec.Meta`` constraints and
+the constants below, and are documented in docs/reference/limits.md.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated
+from uuid import UUID
+
+import msgspec
+
+from engine.errors import InvalidInput
+
+USERNAME_PATTERN = r"^[A-Za-z0-9_.@-]{1,300}$"
+ATTRIBUTE_KEY_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_VALUE = 1024
+MAX_MESSAGE = 500
+MAX_CONSENT_TEXT = 16_384
+MAX_CONTEXT = 2048
+MAX_DEVICE_NAME = 100
+MAX_PAYEE_NAME = 140
+MAX_PAYEE_ACCOUNT = 70
+#: A positive decimal amount, at most 15 integer and 4 fraction digits, no sign, no exponent.
+AMOUNT_PATTERN = re.compile(r"^(0|[1-9][0-9]{0,14})(\.[0-9]{1,4})?$")
+
+#: The wall clock, injectable so that tests can drive it with Trio's mock clock.
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+Username = Annotated[str, msgspec.Meta(pattern=USERNAME_PATTERN)]
+DeviceName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DEVICE_NAME)]
+Platform = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_-]{1,32}$")]
+
+
+class UserStatus(StrEnum):
+    NEW = "new"  # no device yet
+    ACTIVE = "active"
+    LOCKED = "locked"
+    DEACTIVATED = "deactivated"  # irreversible
+
+
+class DeviceStatus(StrEnum):
+    ACTIVE = "active"
+    LOCKED = "locked"
+    DEACTIVATED = "deactivated"  # irreversible (PSD2 RTS art. 27: revoked)
+
+
+class OperationKind(StrEnum):
+    REGISTRATION = "registration"
+    AUTHENTICATION = "authentication"
+    AUTHORISATION = "authorisation"
+    SIGNATURE = "signature"
+
+
+class Phase(StrEnum):
+    """The state machine's states (engine/operations.py). The public status derives from it."""
+
+    CREATED = "created"
+    DISPATCHED = "dispatched"
+    RESPONDED = "responded"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_PHASES
+
+    @property
+    def status(self) -> str:
+        """``pending``, ``succeeded``, ``failed``, ``cancelled`` or ``expired``."""
+        return "pending" if self in PENDING_PHASES else self.value
+
+
+PENDING_PHASES = frozenset({Phase.CREATED, Phase.DISPATCHED, Phase.RESPONDED})
+TERMINAL_PHASES = frozenset(Phase) - PENDING_PHASES
+
+
+class Decision(StrEnum):
+    APPROVE = "approve"
+    DECLINE = "decline"
+
+
+class UserVerification(StrEnum):
+    """How the phone verified its user before signing (PSD2 RTS arts. 6-9)."""
+
+    BIOMETRIC = "biometric"  # inherence
+    PIN = "pin"  # knowledge
+    NONE = "none"  # possession only
+
+
+class FailureReason(StrEnum):
+    DECLINED = "declined"
+    BAD_SIGNATURE = "bad-signature"
+    DEVICE_LOCKED = "device-locked"
+    DEVICE_DEACTIVATED = "device-deactivated"
+    USER_INACTIVE = "user-inactive"
+    USER_VERIFICATION_MISSING = "user-verification-missing"
+
+
+class User(msgspec.Struct, frozen=True, kw_only=True):
+    id: UUID
+    username: str
+    status: UserStatus
+    attributes: dict[str, str]
+    created_at: datetime
+    updated_at: datetime
+    last_login_at: datetime | None = None
+    last_failed_login_at: datetime | None = None
+
+
+class Device(msgspec.Struct, frozen=True, kw_only=True):
+    id: UUID
+    user_id: UUID
+    name: str
+    platform: str
+    #: The 65-byte uncompressed P-256 point.
+    public_key: bytes
+    status: DeviceStatus
+    enrolled_at: datetime
+    updated_at: datetime
+    last_used_at: datetime | None = None
+    #: The highest signature counter seen from this device.
+    counter: int = 0
+    #: Consecutive failed verifications; reset by a success or an unlock.
+    failed_attempts: int = 0
+
+
+class Payee(msgspec.Struct, frozen=True, kw_only=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PAYEE_NAME)]
+    account: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PAYEE_ACCOUNT)]
+
+
+class Payment(msgspec.Struct, frozen=True, kw_only=True):
+    """What an authorisation binds (PSD2 RTS art. 5 dynamic linking)."""
+
+    amount: str
+    currency: str
+    payee: Payee
+
+    def __post_init__(self) -> None:
+        if not AMOUNT_PATTERN.match(self.amount) or Decimal(self.amount) <= 0:
+            raise InvalidInput(
+                "amount must be a positive decimal string such as '12.50'", field="amount"
+            )
+        if self.currency not in ISO_4217:
+            raise InvalidInput("currency must be an ISO 4217 code such as 'EUR'", field="currency")
+
+
+class Operation(msgspec.Struct, frozen=True, kw_only=True):
+    id: UUID
+    kind: OperationKind
+    user_id: UUID
+    #: The device asked to answer; for a registration, the id the new device will have.
+    device_id: UUID
+    phase: Phase
+    #: Incremented by every stored change: the compare-and-set token.
+    version: int
+    challenge: bytes
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime
+    message: str = ""
+    payment: Payment | None = None
+    #: The consent text of a signature operation.
+    text: str | None = None
+    #: Shown on the device before the answer, and signed with it.
+    pre_context: str | None = None
+    #: Sealed by the keyring (never in clear at rest); released to the device on success.
+    post_context_sealed: bytes | None = None
+    require_user_verification: bool = False
+    callback_url: str | None = None
+    client_id: str | None = None
+    #: Registration only: what the new device said about itself.
+    device_name: str | None = None
+    device_platform: str | None = None
+    public_key: bytes | None = None
+    #: Filled by the answer.
+    decision: Decision | None = None
+    user_verification: UserVerification | None = None
+    counter: int | None = None
+    device_signature: bytes | None = None
+    failure_reason: FailureReason | None = None
+    completed_at: datetime | None = None
+    #: The consent JWT of a successful signature operation.
+    result: str | None = None
+
+    @property
+    def status(self) -> str:
+        return self.phase.status
+
+
+class DeviceAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """What the phone sends back: its decision, signed over the payload of engine/payload.py."""
+
+    device_id: UUID
+    decision: Decision
+    user_verification: UserVerification
+    counter: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    signature: bytes
+    #: Registration only: the new key (uncompressed point or SPKI) and how the device calls itself.
+    public_key: bytes | None = None
+    device_name: DeviceName | None = None
+    platform: Platform | None = None
+
+
+class AnswerResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What the engine tells the device after its answer was judged and stored."""
+
+    operation: Operation
+    #: The post-operation context, in clear, only after a success (PSD2: seed 000).
+    post_context: str | None = None
+
+
+#: Active ISO 4217 alphabetic codes (fund and precious-metal codes excluded).
+ISO_4217 = frozenset(
+    """
+    AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN
+    BWP BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD
+    FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY
+    KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP
+    MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR
+    RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT
+    TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VED VES VND VUV WST XAF XCD XCG XOF XPF YER
+    ZAR ZMW ZWG
+    """.split()  # noqa: SIM905 - a table of codes reads better than a list literal
+)

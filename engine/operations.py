@@ -1,0 +1,228 @@
+"""The operation state machine: pure code, no I/O (no trio, database or HSM here).
+
+Theory of operation
+-------------------
+An operation (registration, authentication, authorisation or signature) is created by the
+relying party and lives until it succeeds, fails, is cancelled or expires:
+
+* ``created`` -- stored, waiting for the phone;
+* ``dispatched`` -- the phone has fetched it (it may fetch again);
+* ``responded`` -- an answer arrived and is being judged: device and user checked, then
+  the signature verified. Exactly one answer gets here: the challenge is accepted once
+  (PSD2 RTS art. 4(1)); a second answer, or a replay, is an illegal event;
+* ``succeeded`` / ``failed`` / ``cancelled`` / ``expired`` -- terminal, nothing leaves them.
+
+``handle(state, event)`` returns the next state and the effects the actor must perform;
+it never performs them. Every legal ``(phase, event)`` pair is a row of ``TRANSITIONS``;
+any other pair raises :class:`IllegalTransition` and the caller's state is unchanged
+(states are immutable). The state diagram in docs/reference/state-machine.md is generated
+from the table (``mermaid()``), and a test keeps the two equal.
+
+The actor performs effects in one fixed order, whatever their order in the tuple:
+``VERIFY`` (ask the batched verifier, then feed back a :class:`Verdict`); then ``PERSIST``,
+one transaction holding the new phase (compare-and-set on the version), the audit entry
+and, when present, ``CALLBACK`` (an outbox row) and ``COUNT_FAILED_ATTEMPT`` or
+``RESET_FAILED_ATTEMPTS`` (the device's counter); only after that commit, ``NOTIFY``
+(wake status waiters) and ``RELEASE_CONTEXT`` (hand the post-operation context to the
+device). So a terminal state is durable before anyone hears of it.
+
+How an answer is judged is pure too: :func:`precheck` (device and user must be active:
+a locked device's answer is never verified, RTS art. 4(3)(b)) and :func:`judge` (signature,
+decision, user verification).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from engine.errors import IllegalTransition
+from engine.model import (
+    Decision,
+    DeviceStatus,
+    FailureReason,
+    Phase,
+    UserStatus,
+    UserVerification,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something that happened to an operation."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch(Event):
+    """The phone fetched the operation (by push, QR code, app link or the fetch channel)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(Event):
+    """The phone's answer arrived; it has not been judged yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict(Event):
+    """The judgement of the answer: see :func:`precheck` and :func:`judge`."""
+
+    succeeded: bool
+    reason: FailureReason | None = None
+    #: The signature was checked and failed, or proved possession without the required
+    #: user verification: counts towards the device's lock (RTS art. 4(3)(b)).
+    failed_attempt: bool = False
+    #: The signature was checked and proved possession: resets the device's count.
+    verified: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Event):
+    """The relying party withdrew the operation."""
+
+
+@dataclass(frozen=True, slots=True)
+class Expire(Event):
+    """The operation's deadline passed."""
+
+
+class Effect(StrEnum):
+    VERIFY = "verify"
+    PERSIST = "persist"
+    CALLBACK = "callback"
+    COUNT_FAILED_ATTEMPT = "count-failed-attempt"
+    RESET_FAILED_ATTEMPTS = "reset-failed-attempts"
+    NOTIFY = "notify"
+    RELEASE_CONTEXT = "release-context"
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    phase: Phase
+    reason: FailureReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    state: State
+    effects: tuple[Effect, ...]
+
+
+_ENDED = (Effect.PERSIST, Effect.CALLBACK, Effect.NOTIFY)
+
+
+def _dispatch(state: State, event: Event) -> Transition:
+    return Transition(State(Phase.DISPATCHED), (Effect.PERSIST, Effect.NOTIFY))
+
+
+def _redispatch(state: State, event: Event) -> Transition:
+    return Transition(state, ())
+
+
+def _answer(state: State, event: Event) -> Transition:
+    return Transition(State(Phase.RESPONDED), (Effect.VERIFY,))
+
+
+def _verdict(state: State, event: Event) -> Transition:
+    if not isinstance(event, Verdict):  # pragma: no cover - the table routes by type
+        raise IllegalTransition("a verdict was expected")
+    device: tuple[Effect, ...] = ()
+    if event.failed_attempt:
+        device = (Effect.COUNT_FAILED_ATTEMPT,)
+    elif event.verified:
+        device = (Effect.RESET_FAILED_ATTEMPTS,)
+    if event.succeeded:
+        return Transition(State(Phase.SUCCEEDED), (*_ENDED, *device, Effect.RELEASE_CONTEXT))
+    return Transition(State(Phase.FAILED, event.reason), (*_ENDED, *device))
+
+
+def _cancel(state: State, event: Event) -> Transition:
+    return Transition(State(Phase.CANCELLED), _ENDED)
+
+
+def _expire(state: State, event: Event) -> Transition:
+    return Transition(State(Phase.EXPIRED), _ENDED)
+
+
+Handler = Callable[[State, Event], Transition]
+
+TRANSITIONS: dict[tuple[Phase, type[Event]], Handler] = {
+    (Phase.CREATED, Dispatch): _dispatch,
+    (Phase.CREATED, Answer): _answer,
+    (Phase.CREATED, Cancel): _cancel,
+    (Phase.CREATED, Expire): _expire,
+    (Phase.DISPATCHED, Dispatch): _redispatch,
+    (Phase.DISPATCHED, Answer): _answer,
+    (Phase.DISPATCHED, Cancel): _cancel,
+    (Phase.DISPATCHED, Expire): _expire,
+    (Phase.RESPONDED, Verdict): _verdict,
+}
+
+EVENT_TYPES: tuple[type[Event], ...] = (Dispatch, Answer, Verdict, Cancel, Expire)
+
+
+def handle(state: State, event: Event) -> Transition:
+    """The next state and the effects to perform; :class:`IllegalTransition` if not allowed."""
+    handler = TRANSITIONS.get((state.phase, type(event)))
+    if handler is None:
+        raise IllegalTransition(
+            f"{type(event).__name__.lower()} is not allowed when the operation is {state.phase}"
+        )
+    return handler(state, event)
+
+
+def precheck(*, device_status: DeviceStatus, user_status: UserStatus) -> Verdict | None:
+    """A failing verdict reached without verifying anything, or None to go on and verify.
+
+    A locked device's answers are not verified at all (RTS art. 4(3)(b): the sixth attempt
+    never gets verified), and neither are a deactivated device's (RTS art. 27).
+    """
+    if device_status is DeviceStatus.LOCKED:
+        return Verdict(succeeded=False, reason=FailureReason.DEVICE_LOCKED)
+    if device_status is DeviceStatus.DEACTIVATED:
+        return Verdict(succeeded=False, reason=FailureReason.DEVICE_DEACTIVATED)
+    if user_status not in (UserStatus.ACTIVE, UserStatus.NEW):
+        return Verdict(succeeded=False, reason=FailureReason.USER_INACTIVE)
+    return None
+
+
+def judge(
+    *,
+    signature_valid: bool,
+    decision: Decision,
+    user_verification: UserVerification,
+    require_user_verification: bool,
+) -> Verdict:
+    """The verdict on a verified answer.
+
+    The decision and the way the user was verified are inside the signed payload, so a
+    decline cannot be forged (and does not count against the device), and "none" cannot
+    be turned into "biometric" on the way.
+    """
+    if not signature_valid:
+        return Verdict(succeeded=False, reason=FailureReason.BAD_SIGNATURE, failed_attempt=True)
+    if decision is Decision.DECLINE:
+        return Verdict(succeeded=False, reason=FailureReason.DECLINED, verified=True)
+    if require_user_verification and user_verification is UserVerification.NONE:
+        # Possession alone where possession plus inherence or knowledge was required
+        # (RTS arts. 6-9): a failed authentication attempt.
+        return Verdict(
+            succeeded=False,
+            reason=FailureReason.USER_VERIFICATION_MISSING,
+            failed_attempt=True,
+        )
+    return Verdict(succeeded=True, verified=True)
+
+
+def mermaid() -> str:
+    """The state diagram of ``TRANSITIONS`` in Mermaid syntax, for docs/."""
+    lines = ["stateDiagram-v2", "    [*] --> created"]
+    for (phase, event_type), handler in TRANSITIONS.items():
+        if event_type is Verdict:
+            targets = [Phase.SUCCEEDED, Phase.FAILED]
+        else:
+            targets = [handler(State(phase), event_type()).state.phase]
+        for target in targets:
+            lines.append(f"    {phase} --> {target}: {event_type.__name__.lower()}")
+    lines.extend(f"    {phase} --> [*]" for phase in Phase if phase.terminal)
+    return "\n".join(lines) + "\n"

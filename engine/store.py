@@ -1,0 +1,564 @@
+"""Persistence: SQLAlchemy Core over SQLite (WAL, the embedded default) or PostgreSQL.
+
+SQLAlchemy is synchronous, so every unit of work runs in a worker thread
+(:meth:`Store.write` / :meth:`Store.read` from Trio), at most ``pool_size`` at a time. A
+write is one transaction; a Trio caller cancelled meanwhile still waits for the commit or
+rollback (``trio.to_thread`` does not abandon the thread), so nothing is half-done.
+
+Consistency rules kept here:
+
+* every change of an operation is a compare-and-set on its ``version``
+  (:func:`update_operation`), so two actors or two processes can never both complete it;
+* the audit trail is appended in the transaction of the change it records, one entry at a
+  time: SQLite write transactions begin ``IMMEDIATE`` (one writer at a time), PostgreSQL
+  writers lock the audit head row (``SELECT … FOR UPDATE``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+import msgspec
+import sqlalchemy as sa
+import trio
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Connection, Engine
+
+from engine import audit
+from engine.audit import AuditEntry
+from engine.errors import ServiceUnavailable
+from engine.model import (
+    Decision,
+    Device,
+    DeviceStatus,
+    FailureReason,
+    Operation,
+    OperationKind,
+    Payee,
+    Payment,
+    Phase,
+    User,
+    UserStatus,
+    UserVerification,
+)
+from engine.schema import audit_head, audit_log, devices, operations, outbox, users
+from engine.settings import DatabaseSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+class Store:
+    """The database, its connection pool and the threads that talk to it."""
+
+    def __init__(self, settings: DatabaseSettings) -> None:
+        self.url = sa.make_url(settings.url)
+        self.sqlite = self.url.get_backend_name() == "sqlite"
+        if self.sqlite:
+            database = self.url.database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = sa.create_engine(
+                self.url,
+                pool_size=settings.pool_size,
+                connect_args={"timeout": 30, "check_same_thread": False},
+            )
+            _configure_sqlite(self.engine, settings.sqlite_synchronous)
+        else:
+            self.engine = sa.create_engine(
+                self.url, pool_size=settings.pool_size, max_overflow=0, pool_pre_ping=True
+            )
+        self._limiter = trio.CapacityLimiter(settings.pool_size)
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema to the newest migration (idempotent)."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    @contextmanager
+    def transaction(self, *, write: bool) -> Iterator[Connection]:
+        """A connection in a transaction: committed on success, rolled back on any error."""
+        try:
+            with self.engine.connect() as connection:
+                if write:
+                    connection = connection.execution_options(tapsign_write=True)
+                with connection.begin():
+                    yield connection
+        except sa.exc.OperationalError as exc:
+            # The database went away or is locked beyond the timeout: retry later.
+            log.warning("database unavailable: %s", type(exc.orig).__name__)
+            raise ServiceUnavailable("the database is unavailable", retry_after=1.0) from exc
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in one write transaction, in a worker thread."""
+        return await trio.to_thread.run_sync(self._run, work, True, limiter=self._limiter)
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        return await trio.to_thread.run_sync(self._run, work, False, limiter=self._limiter)
+
+    def _run(self, work: Callable[[Connection], T], write: bool) -> T:
+        with self.transaction(write=write) as connection:
+            return work(connection)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def connect(dbapi_connection: Any, _: Any) -> None:
+        # Let SQLAlchemy's "begin" event emit BEGIN, so writes can begin IMMEDIATE: a
+        # deferred transaction that reads the audit head and then writes could deadlock
+        # against another writer (SQLITE_BUSY) instead of waiting its turn.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def begin(connection: Connection) -> None:
+        write = connection.get_execution_options().get("tapsign_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything tapsign stores is UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _required_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# -- users ------------------------------------------------------------------------------
+
+
+def _user(row: sa.Row[Any]) -> User:
+    return User(
+        id=row.id,
+        username=row.username,
+        status=UserStatus(row.status),
+        attributes=dict(row.attributes),
+        created_at=_required_utc(row.created_at),
+        updated_at=_required_utc(row.updated_at),
+        last_login_at=_utc(row.last_login_at),
+        last_failed_login_at=_utc(row.last_failed_login_at),
+    )
+
+
+def _user_values(user: User) -> dict[str, Any]:
+    return {
+        "id": user.id,
+        "username": user.username,
+        "status": user.status.value,
+        "attributes": user.attributes,
+        "created_at": user.created_at,
+        "updated_at": user.updated_at,
+        "last_login_at": user.last_login_at,
+        "last_failed_login_at": user.last_failed_login_at,
+    }
+
+
+def insert_user(connection: Connection, user: User) -> None:
+    connection.execute(users.insert().values(_user_values(user)))
+
+
+def get_user(connection: Connection, user_id: UUID) -> User | None:
+    row = connection.execute(users.select().where(users.c.id == user_id)).first()
+    return None if row is None else _user(row)
+
+
+def find_user(connection: Connection, username: str) -> User | None:
+    row = connection.execute(users.select().where(users.c.username == username)).first()
+    return None if row is None else _user(row)
+
+
+def username_taken(connection: Connection, username: str) -> bool:
+    found = connection.execute(sa.select(users.c.id).where(users.c.username == username)).first()
+    return found is not None
+
+
+def update_user(connection: Connection, user: User) -> None:
+    connection.execute(users.update().where(users.c.id == user.id).values(_user_values(user)))
+
+
+def delete_user(connection: Connection, user_id: UUID) -> None:
+    connection.execute(devices.delete().where(devices.c.user_id == user_id))
+    connection.execute(users.delete().where(users.c.id == user_id))
+
+
+# -- devices ----------------------------------------------------------------------------
+
+
+def _device(row: sa.Row[Any]) -> Device:
+    return Device(
+        id=row.id,
+        user_id=row.user_id,
+        name=row.name,
+        platform=row.platform,
+        public_key=bytes(row.public_key),
+        status=DeviceStatus(row.status),
+        enrolled_at=_required_utc(row.enrolled_at),
+        updated_at=_required_utc(row.updated_at),
+        last_used_at=_utc(row.last_used_at),
+        counter=row.counter,
+        failed_attempts=row.failed_attempts,
+    )
+
+
+def _device_values(device: Device) -> dict[str, Any]:
+    return {
+        "id": device.id,
+        "user_id": device.user_id,
+        "name": device.name,
+        "platform": device.platform,
+        "public_key": device.public_key,
+        "status": device.status.value,
+        "enrolled_at": device.enrolled_at,
+        "updated_at": device.updated_at,
+        "last_used_at": device.last_used_at,
+        "counter": device.counter,
+        "failed_attempts": device.failed_attempts,
+    }
+
+
+def insert_device(connection: Connection, device: Device) -> None:
+    connection.execute(devices.insert().values(_device_values(device)))
+
+
+def get_device(connection: Connection, device_id: UUID) -> Device | None:
+    row = connection.execute(devices.select().where(devices.c.id == device_id)).first()
+    return None if row is None else _device(row)
+
+
+def list_devices(connection: Connection, user_id: UUID) -> list[Device]:
+    rows = connection.execute(
+        devices.select().where(devices.c.user_id == user_id).order_by(devices.c.enrolled_at)
+    )
+    return [_device(row) for row in rows]
+
+
+def update_device(connection: Connection, device: Device) -> None:
+    connection.execute(
+        devices.update().where(devices.c.id == device.id).values(_device_values(device))
+    )
+
+
+# -- operations -------------------------------------------------------------------------
+
+
+def _operation(row: sa.Row[Any]) -> Operation:
+    payment = None
+    if row.amount is not None:
+        payment = Payment(
+            amount=row.amount,
+            currency=row.currency,
+            payee=Payee(name=row.payee_name, account=row.payee_account),
+        )
+    return Operation(
+        id=row.id,
+        kind=OperationKind(row.kind),
+        user_id=row.user_id,
+        device_id=row.device_id,
+        client_id=row.client_id,
+        phase=Phase(row.phase),
+        version=row.version,
+        challenge=bytes(row.challenge),
+        created_at=_required_utc(row.created_at),
+        updated_at=_required_utc(row.updated_at),
+        expires_at=_required_utc(row.expires_at),
+        completed_at=_utc(row.completed_at),
+        message=row.message,
+        payment=payment,
+        text=row.text,
+        pre_context=row.pre_context,
+        post_context_sealed=None
+        if row.post_context_sealed is None
+        else bytes(row.post_context_sealed),
+        require_user_verification=row.require_user_verification,
+        callback_url=row.callback_url,
+        device_name=row.device_name,
+        device_platform=row.device_platform,
+        public_key=None if row.public_key is None else bytes(row.public_key),
+        decision=None if row.decision is None else Decision(row.decision),
+        user_verification=(
+            None if row.user_verification is None else UserVerification(row.user_verification)
+        ),
+        counter=row.counter,
+        device_signature=None if row.device_signature is None else bytes(row.device_signature),
+        failure_reason=None if row.failure_reason is None else FailureReason(row.failure_reason),
+        result=row.result,
+    )
+
+
+def _operation_values(operation: Operation) -> dict[str, Any]:
+    payment = operation.payment
+    return {
+        "id": operation.id,
+        "kind": operation.kind.value,
+        "user_id": operation.user_id,
+        "device_id": operation.device_id,
+        "client_id": operation.client_id,
+        "phase": operation.phase.value,
+        "version": operation.version,
+        "challenge": operation.challenge,
+        "created_at": operation.created_at,
+        "updated_at": operation.updated_at,
+        "expires_at": operation.expires_at,
+        "completed_at": operation.completed_at,
+        "message": operation.message,
+        "amount": None if payment is None else payment.amount,
+        "currency": None if payment is None else payment.currency,
+        "payee_name": None if payment is None else payment.payee.name,
+        "payee_account": None if payment is None else payment.payee.account,
+        "text": operation.text,
+        "pre_context": operation.pre_context,
+        "post_context_sealed": operation.post_context_sealed,
+        "require_user_verification": operation.require_user_verification,
+        "callback_url": operation.callback_url,
+        "device_name": operation.device_name,
+        "device_platform": operation.device_platform,
+        "public_key": operation.public_key,
+        "decision": None if operation.decision is None else operation.decision.value,
+        "user_verification": (
+            None if operation.user_verification is None else operation.user_verification.value
+        ),
+        "counter": operation.counter,
+        "device_signature": operation.device_signature,
+        "failure_reason": (
+            None if operation.failure_reason is None else operation.failure_reason.value
+        ),
+        "result": operation.result,
+    }
+
+
+def insert_operation(connection: Connection, operation: Operation) -> None:
+    connection.execute(operations.insert().values(_operation_values(operation)))
+
+
+def get_operation(connection: Connection, operation_id: UUID) -> Operation | None:
+    row = connection.execute(operations.select().where(operations.c.id == operation_id)).first()
+    return None if row is None else _operation(row)
+
+
+def update_operation(
+    connection: Connection, operation: Operation, *, expected_version: int
+) -> bool:
+    """Store ``operation`` if the stored one still has ``expected_version`` (compare-and-set).
+
+    False means another actor or process changed it first: nothing was written.
+    """
+    result = connection.execute(
+        operations.update()
+        .where(operations.c.id == operation.id, operations.c.version == expected_version)
+        .values(_operation_values(operation))
+    )
+    return result.rowcount == 1
+
+
+_PENDING = [phase.value for phase in (Phase.CREATED, Phase.DISPATCHED, Phase.RESPONDED)]
+
+
+def pending_operations(connection: Connection) -> list[Operation]:
+    rows = connection.execute(
+        operations.select()
+        .where(operations.c.phase.in_(_PENDING))
+        .order_by(operations.c.expires_at)
+    )
+    return [_operation(row) for row in rows]
+
+
+def pending_for_device(connection: Connection, device_id: UUID, now: datetime) -> list[Operation]:
+    rows = connection.execute(
+        operations.select()
+        .where(
+            operations.c.device_id == device_id,
+            operations.c.phase.in_(_PENDING),
+            operations.c.expires_at > now,
+        )
+        .order_by(operations.c.created_at)
+    )
+    return [_operation(row) for row in rows]
+
+
+def pending_for_user(connection: Connection, user_id: UUID) -> list[Operation]:
+    rows = connection.execute(
+        operations.select().where(operations.c.user_id == user_id, operations.c.phase.in_(_PENDING))
+    )
+    return [_operation(row) for row in rows]
+
+
+# -- callback outbox --------------------------------------------------------------------
+
+
+class OutboxItem(msgspec.Struct, frozen=True, kw_only=True):
+    """A callback waiting for delivery."""
+
+    id: int
+    operation_id: UUID | None
+    event: str
+    url: str
+    body: bytes
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime
+
+
+def insert_outbox(
+    connection: Connection,
+    *,
+    operation_id: UUID | None,
+    event: str,
+    url: str,
+    body: bytes,
+    now: datetime,
+) -> int:
+    result = connection.execute(
+        outbox.insert().values(
+            operation_id=operation_id,
+            event=event,
+            url=url,
+            body=body,
+            created_at=now,
+            attempts=0,
+            next_attempt_at=now,
+        )
+    )
+    key = result.inserted_primary_key
+    if key is None:  # pragma: no cover - every supported database returns the new id
+        raise RuntimeError("the database did not return the new outbox id")
+    return int(key[0])
+
+
+def undelivered(connection: Connection) -> list[OutboxItem]:
+    """Callbacks neither delivered nor given up, oldest first."""
+    rows = connection.execute(
+        outbox.select()
+        .where(outbox.c.delivered_at.is_(None), outbox.c.failed_at.is_(None))
+        .order_by(outbox.c.id)
+    )
+    return [
+        OutboxItem(
+            id=row.id,
+            operation_id=row.operation_id,
+            event=row.event,
+            url=row.url,
+            body=bytes(row.body),
+            attempts=row.attempts,
+            created_at=_required_utc(row.created_at),
+            next_attempt_at=_required_utc(row.next_attempt_at),
+        )
+        for row in rows
+    ]
+
+
+def record_delivery(
+    connection: Connection,
+    outbox_id: int,
+    *,
+    now: datetime,
+    delivered: bool,
+    next_attempt_at: datetime | None,
+    error: str | None,
+) -> None:
+    """One attempt's outcome: delivered, to retry at ``next_attempt_at``, or given up."""
+    values: dict[str, Any] = {"attempts": outbox.c.attempts + 1, "last_error": error}
+    if delivered:
+        values["delivered_at"] = now
+    elif next_attempt_at is None:
+        values["failed_at"] = now
+    else:
+        values["next_attempt_at"] = next_attempt_at
+    connection.execute(outbox.update().where(outbox.c.id == outbox_id).values(values))
+
+
+# -- audit ------------------------------------------------------------------------------
+
+
+def append_audit(
+    connection: Connection,
+    *,
+    at: datetime,
+    actor: str,
+    action: str,
+    outcome: str,
+    operation_id: UUID | None = None,
+    user_id: UUID | None = None,
+    device_id: UUID | None = None,
+    reason: str | None = None,
+) -> AuditEntry:
+    """Append an entry to the hash chain, in the caller's transaction."""
+    head = connection.execute(
+        sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
+    ).one()
+    entry = AuditEntry(
+        seq=head.seq + 1,
+        at=at,
+        actor=actor,
+        action=action,
+        operation_id=operation_id,
+        user_id=user_id,
+        device_id=device_id,
+        outcome=outcome,
+        reason=reason,
+        prev_hash=bytes(head.hash),
+    )
+    entry_hash = audit.entry_hash(entry, entry.prev_hash)
+    connection.execute(
+        audit_log.insert().values(
+            seq=entry.seq,
+            at=at,
+            actor=actor,
+            action=action,
+            operation_id=operation_id,
+            user_id=user_id,
+            device_id=device_id,
+            outcome=outcome,
+            reason=reason,
+            prev_hash=entry.prev_hash,
+            hash=entry_hash,
+        )
+    )
+    connection.execute(
+        audit_head.update().where(audit_head.c.id == 1).values(seq=entry.seq, hash=entry_hash)
+    )
+    return msgspec.structs.replace(entry, hash=entry_hash)
+
+
+def read_audit(connection: Connection) -> tuple[list[AuditEntry], int, bytes]:
+    """Every entry in ``seq`` order, and the head's ``(seq, hash)``."""
+    head = connection.execute(sa.select(audit_head.c.seq, audit_head.c.hash)).one()
+    entries = [
+        AuditEntry(
+            seq=row.seq,
+            at=_required_utc(row.at),
+            actor=row.actor,
+            action=row.action,
+            operation_id=row.operation_id,
+            user_id=row.user_id,
+            device_id=row.device_id,
+            outcome=row.outcome,
+            reason=row.reason,
+            prev_hash=bytes(row.prev_hash),
+            hash=bytes(row.hash),
+        )
+        for row in connection.execute(audit_log.select().order_by(audit_log.c.seq))
+    ]
+    return entries, head.seq, bytes(head.hash)

@@ -1,0 +1,64 @@
+"""Engine fixtures: a migrated store on SQLite and, where it runs, on PostgreSQL.
+
+PostgreSQL is found through ``TAPSIGN_TEST_DATABASE_URL`` or the local server this project's
+machines run (127.0.0.1:5432, trust auth, database ``test``); every test gets a schema of
+its own, dropped afterwards. Without a server the PostgreSQL half is skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from engine.settings import DatabaseSettings
+from engine.store import Store
+
+POSTGRES_URL = os.environ.get(
+    "TAPSIGN_TEST_DATABASE_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"
+)
+
+
+def _postgres_available() -> str | None:
+    """None if PostgreSQL answers, else why not."""
+    try:
+        engine = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as connection:
+            connection.execute(sa.text("select 1"))
+        engine.dispose()
+    except Exception as exc:  # any failure to connect means: skip, and say why
+        return f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}"
+    return None
+
+
+POSTGRES_MISSING = _postgres_available()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'tapsign.db'}"
+        return
+    if POSTGRES_MISSING:
+        pytest.skip(POSTGRES_MISSING)
+    schema = f"test_{secrets.token_hex(6)}"
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    url = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    yield url.render_as_string(hide_password=False)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    store = Store(DatabaseSettings(url=database_url, pool_size=4))
+    store.migrate()
+    yield store
+    store.close()
