@@ -204,6 +204,31 @@ class Operation(msgspec.Struct, frozen=True, kw_only=True):
         return self.phase.status
 
 
+class OperationRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What a relying party asks for. Checked by :func:`engine.actors.check_request`."""
+
+    kind: OperationKind
+    #: The user, by id or by username (exactly one).
+    user_id: UUID | None = None
+    username: str | None = None
+    #: Registration only: create the user if the username is unknown.
+    create_user: bool = False
+    #: The device to ask; default: the user's most recently enrolled active device.
+    device_id: UUID | None = None
+    message: str = ""
+    payment: Payment | None = None
+    text: str | None = None
+    pre_context: str | None = None
+    post_context: str | None = None
+    #: Require inherence or knowledge besides possession; default: yes for authorisations
+    #: and signatures (two factors, PSD2 RTS arts. 6-9), no otherwise.
+    require_user_verification: bool | None = None
+    #: Lifetime in seconds; default and bounds in :class:`engine.settings.OperationSettings`.
+    expires_in: int | None = None
+    callback_url: str | None = None
+    client_id: str | None = None
+
+
 class DeviceAnswer(msgspec.Struct, frozen=True, kw_only=True):
     """What the phone sends back: its decision, signed over the payload of engine/payload.py."""
 

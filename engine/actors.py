@@ -1,0 +1,840 @@
+"""Operations as actors: one Trio task per live operation, started by the supervisor.
+
+Theory of operation
+-------------------
+The :class:`Supervisor` starts an :class:`OperationActor` in its nursery for every pending
+operation: those it creates, and at start-up those the store still holds (each resumes
+with its remaining time, or expires at once). The actor owns its operation until it ends.
+It waits on a bounded inbox and on its deadline; the API talks to it by message (fetch,
+answer, cancel) and waits for the reply. It processes one message at a time, so an
+operation never judges two answers at once: the second finds the operation ended
+(PSD2 RTS art. 4(1): a challenge is accepted once).
+
+For each message the actor asks the pure state machine (engine/operations.py) what
+happens and performs the effects: verify through the batched verifier, persist with a
+compare-and-set on the version (one transaction also holding the audit entry, the device's
+failure count and the callback's outbox row), then wake status waiters and release the
+post-operation context. The terminal state is committed before anyone is told. If the
+compare-and-set fails another actor (this process or another one on the same database)
+changed the operation first: the actor reloads it and the loser gets a clean conflict.
+
+The deadline bounds the wait for a message, not the work on one: an answer that arrived
+in time is judged even if judging ends after the deadline. Nothing polls the database.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+from uuid import UUID, uuid4
+
+import msgspec
+import outcome
+import trio
+from sqlalchemy.engine import Connection
+
+from engine import store as db
+from engine.errors import (
+    Conflict,
+    DeviceNotActive,
+    IllegalTransition,
+    InvalidInput,
+    OperationNotFound,
+    OperationNotPending,
+    ServiceUnavailable,
+    UserNotActive,
+    UserNotFound,
+)
+from engine.identity import check_username, new_user
+from engine.model import (
+    MAX_CONSENT_TEXT,
+    MAX_CONTEXT,
+    MAX_MESSAGE,
+    AnswerResult,
+    Clock,
+    Device,
+    DeviceAnswer,
+    DeviceStatus,
+    Operation,
+    OperationKind,
+    OperationRequest,
+    Phase,
+    User,
+    UserStatus,
+)
+from engine.operations import (
+    Answer,
+    Cancel,
+    Dispatch,
+    Effect,
+    Event,
+    Expire,
+    State,
+    Transition,
+    Verdict,
+    handle,
+    judge,
+    precheck,
+)
+from engine.payload import b64url, signed_payload
+from engine.settings import PSD2_MAX_SECONDS, OperationSettings
+from engine.store import OutboxItem, Store
+from hsm import ecdsa
+from hsm.keyring import Keyring
+from hsm.tokens import TokenSigner
+from hsm.verifier import BatchVerifier
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_NEEDS_UV = frozenset({OperationKind.AUTHORISATION, OperationKind.SIGNATURE})
+
+
+class CallbackQueue(Protocol):
+    def enqueue(self, items: Sequence[OutboxItem]) -> None:
+        """Deliver these committed outbox rows (engine/callbacks.py)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every actor shares."""
+
+    store: Store
+    keyring: Keyring
+    verifier: BatchVerifier
+    consent: TokenSigner
+    callbacks: CallbackQueue
+    settings: OperationSettings
+    clock: Clock
+
+
+def check_request(request: OperationRequest, settings: OperationSettings) -> int:
+    """Check a request against the rules of its kind; the lifetime in seconds if it passes."""
+    kind = request.kind
+    if (request.user_id is None) == (request.username is None):
+        raise InvalidInput("give the user by userId or by username, not both", field="userId")
+    if request.username is not None:
+        check_username(request.username)
+    if request.create_user and kind is not OperationKind.REGISTRATION:
+        raise InvalidInput("only a registration creates users", field="createUser")
+    if kind is OperationKind.REGISTRATION and request.device_id is not None:
+        raise InvalidInput("a registration enrols a new authenticator", field="authenticatorId")
+    if (request.payment is None) != (kind is not OperationKind.AUTHORISATION):
+        raise InvalidInput("amount, currency and payee belong to authorisations", field="payment")
+    if (request.text is None) != (kind is not OperationKind.SIGNATURE):
+        raise InvalidInput("a signature, and only a signature, has a consent text", field="text")
+    if request.text is not None and not 0 < len(request.text) <= MAX_CONSENT_TEXT:
+        raise InvalidInput(f"the consent text has 1 to {MAX_CONSENT_TEXT} characters", field="text")
+    if len(request.message) > MAX_MESSAGE:
+        raise InvalidInput(f"the message has at most {MAX_MESSAGE} characters", field="message")
+    for name, context in (
+        ("preContext", request.pre_context),
+        ("postContext", request.post_context),
+    ):
+        if context is not None and len(context) > MAX_CONTEXT:
+            raise InvalidInput(f"a context has at most {MAX_CONTEXT} characters", field=name)
+    if request.callback_url is not None and (
+        not request.callback_url.startswith(("https://", "http://"))
+        or len(request.callback_url) > 2000
+    ):
+        raise InvalidInput("the callback URL is an http(s) URL", field="callbackUrl")
+    limit = PSD2_MAX_SECONDS if kind in _NEEDS_UV else settings.max_seconds
+    seconds = request.expires_in or min(settings.default_seconds, limit)
+    if not 10 <= seconds <= limit:
+        raise InvalidInput(f"this operation lives 10 to {limit} seconds", field="expiresIn")
+    return seconds
+
+
+class _Message:
+    __slots__ = ("answer", "done", "event", "result")
+
+    def __init__(self, event: Event, answer: DeviceAnswer | None = None) -> None:
+        self.event = event
+        self.answer = answer
+        self.done = trio.Event()
+        self.result: outcome.Outcome[Any] | None = None
+
+
+class OperationActor:
+    """Owns one pending operation until it ends; see the module docstring."""
+
+    def __init__(
+        self, context: Context, operation: Operation, *, on_end: Callable[[OperationActor], None]
+    ) -> None:
+        self.context = context
+        self.operation = operation
+        self._on_end = on_end
+        self._changed = trio.Event()
+        self._send, self._receive = trio.open_memory_channel[_Message](context.settings.inbox_size)
+
+    # -- the API's side --------------------------------------------------------------------
+
+    async def ask(self, event: Event, answer: DeviceAnswer | None = None) -> Any:
+        """Send a message and wait for the actor's reply (or its error)."""
+        message = _Message(event, answer)
+        try:
+            self._send.send_nowait(message)
+        except trio.WouldBlock:
+            raise Conflict("this transaction is busy with other requests; retry") from None
+        except trio.BrokenResourceError:
+            raise OperationNotPending(f"the transaction is {self.operation.status}") from None
+        await message.done.wait()
+        if message.result is None:  # pragma: no cover - always set before done
+            raise ServiceUnavailable("no reply from the transaction")
+        return message.result.unwrap()
+
+    async def wait_for_change(self, version: int) -> Operation:
+        """The operation once its version is past ``version`` (callers bound the wait)."""
+        while self.operation.version <= version and not self.operation.phase.terminal:
+            await self._changed.wait()
+        return self.operation
+
+    # -- the actor's side ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while not self.operation.phase.terminal:
+                remaining = (self.operation.expires_at - self.context.clock()).total_seconds()
+                message = None
+                with trio.move_on_at(trio.current_time() + max(remaining, 0.0)):
+                    message = await self._receive.receive()
+                if message is None:
+                    await self._end(Expire())
+                else:
+                    await self._process(message)
+        finally:
+            self._on_end(self)
+            self._receive.close()
+            ended = OperationNotPending(f"the transaction is {self.operation.status}")
+            while True:
+                try:
+                    message = self._receive.receive_nowait()
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.EndOfChannel):
+                    break
+                message.result = outcome.Error(ended)
+                message.done.set()
+
+    async def _process(self, message: _Message) -> None:
+        try:
+            if isinstance(message.event, Dispatch):
+                result: Any = await self._dispatch()
+            elif isinstance(message.event, Cancel):
+                result = await self._end(Cancel())
+            elif message.answer is not None:
+                result = await self._answer(message.answer)
+            else:  # pragma: no cover - the supervisor only sends these three
+                raise IllegalTransition("unknown message")
+            message.result = outcome.Value(result)
+        except Exception as exc:
+            message.result = outcome.Error(exc)
+        except BaseException:
+            message.result = outcome.Error(ServiceUnavailable("tapsign is shutting down"))
+            raise
+        finally:
+            message.done.set()
+
+    def _transition(self, event: Event) -> Transition:
+        try:
+            return handle(State(self.operation.phase, self.operation.failure_reason), event)
+        except IllegalTransition as exc:
+            raise OperationNotPending(f"the transaction is {self.operation.status}") from exc
+
+    async def _expire_if_due(self) -> None:
+        if self.context.clock() >= self.operation.expires_at:
+            await self._end(Expire())
+            raise OperationNotPending("the transaction has expired")
+
+    async def _dispatch(self) -> Operation:
+        await self._expire_if_due()
+        transition = self._transition(Dispatch())
+        if Effect.PERSIST not in transition.effects:
+            return self.operation
+        return await self._commit(transition, actor=f"device:{self.operation.device_id}")
+
+    async def _end(self, event: Cancel | Expire) -> Operation:
+        transition = self._transition(event)
+        actor = (
+            "system"
+            if isinstance(event, Expire)
+            else f"relying-party:{self.operation.client_id or '-'}"
+        )
+        return await self._commit(transition, actor=actor)
+
+    async def _commit(
+        self,
+        transition: Transition,
+        *,
+        actor: str,
+        changes: dict[str, Any] | None = None,
+        extra: Callable[[Connection, Operation, datetime], list[OutboxItem]] | None = None,
+    ) -> Operation:
+        """Persist ``transition`` (compare-and-set), then notify; the loser of a race reloads."""
+        before = self.operation
+        now = self.context.clock()
+        phase = transition.state.phase
+        after = msgspec.structs.replace(
+            before,
+            phase=phase,
+            failure_reason=transition.state.reason,
+            version=before.version + 1,
+            updated_at=now,
+            completed_at=now if phase.terminal else None,
+            # Sealed data goes as soon as it is no longer needed.
+            post_context_sealed=None if phase.terminal else before.post_context_sealed,
+            **(changes or {}),
+        )
+
+        def persist(connection: Connection) -> list[OutboxItem] | None:
+            if not db.update_operation(connection, after, expected_version=before.version):
+                return None
+            db.append_audit(
+                connection,
+                at=now,
+                actor=actor,
+                action=f"operation.{phase.value}",
+                outcome=phase.status,
+                operation_id=after.id,
+                user_id=after.user_id,
+                device_id=after.device_id,
+                reason=None if after.failure_reason is None else after.failure_reason.value,
+            )
+            items = extra(connection, after, now) if extra is not None else []
+            if Effect.CALLBACK in transition.effects and after.callback_url:
+                items.append(_operation_callback(connection, after, now))
+            return items
+
+        with trio.CancelScope(shield=True):  # a terminal state, once decided, is stored
+            items = await self.context.store.write(persist)
+        if items is None:
+            current = await self.context.store.read(
+                lambda connection: db.get_operation(connection, before.id)
+            )
+            if current is not None:
+                self._changed_to(current)
+            raise OperationNotPending(f"the transaction is {self.operation.status}")
+        self._changed_to(after)
+        if items:
+            self.context.callbacks.enqueue(items)
+        return after
+
+    def _changed_to(self, operation: Operation) -> None:
+        self.operation = operation
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _answer(self, answer: DeviceAnswer) -> AnswerResult:
+        operation = self.operation
+        if answer.device_id != operation.device_id:
+            # Not this device's transaction: say nothing about it (another user's device).
+            raise OperationNotFound("no such transaction for this authenticator")
+        await self._expire_if_due()
+        self._transition(Answer())  # refuses a second answer or a replay; nothing stored yet
+        registering = operation.kind is OperationKind.REGISTRATION
+        if registering and answer.public_key is None:
+            raise InvalidInput(
+                "a registration answer carries the new public key", field="publicKey"
+            )
+
+        def facts(connection: Connection) -> tuple[User | None, Device | None]:
+            return db.get_user(connection, operation.user_id), db.get_device(
+                connection, operation.device_id
+            )
+
+        user, device = await self.context.store.read(facts)
+        point = (
+            ecdsa.encode_point(ecdsa.load_public_key(answer.public_key))
+            if registering and answer.public_key is not None
+            else (device.public_key if device is not None else b"")
+        )
+        device_status = (
+            DeviceStatus.ACTIVE
+            if registering
+            else (device.status if device is not None else DeviceStatus.DEACTIVATED)
+        )
+        verdict = precheck(
+            device_status=device_status,
+            user_status=user.status if user is not None else UserStatus.DEACTIVATED,
+        )
+        payload = b""
+        if verdict is None:
+            payload = signed_payload(
+                operation,
+                device_id=answer.device_id,
+                decision=answer.decision,
+                user_verification=answer.user_verification,
+                counter=answer.counter,
+                public_key=point if registering else None,
+            )
+            valid = await self.context.verifier.verify(
+                public_key=point, message=payload, signature=answer.signature
+            )
+            verdict = judge(
+                signature_valid=valid,
+                decision=answer.decision,
+                user_verification=answer.user_verification,
+                require_user_verification=operation.require_user_verification,
+            )
+        transition = handle(State(Phase.RESPONDED), verdict)
+        succeeded = transition.state.phase is Phase.SUCCEEDED
+
+        changes: dict[str, Any] = {}
+        if verdict.verified or verdict.failed_attempt:
+            changes = {
+                "decision": answer.decision,
+                "user_verification": answer.user_verification,
+                "counter": answer.counter,
+                "device_signature": answer.signature,
+            }
+        if registering:
+            changes.update(
+                public_key=point, device_name=answer.device_name, device_platform=answer.platform
+            )
+        post_context = None
+        if succeeded and operation.kind is OperationKind.SIGNATURE:
+            changes["result"] = await self._consent_token(answer, payload, point)
+        if succeeded and operation.post_context_sealed is not None:
+            post_context = (
+                await trio.to_thread.run_sync(
+                    functools.partial(
+                        self.context.keyring.decrypt,
+                        operation.post_context_sealed,
+                        aad=operation.id.bytes,
+                    )
+                )
+            ).decode()
+        settings = self.context.settings
+
+        def device_and_user(
+            connection: Connection, after: Operation, now: datetime
+        ) -> list[OutboxItem]:
+            return _record_answer(
+                connection,
+                after,
+                now,
+                answer=answer,
+                verdict=verdict,
+                point=point,
+                max_failed_attempts=settings.max_failed_attempts,
+            )
+
+        committed = await self._commit(
+            transition, actor=f"device:{answer.device_id}", changes=changes, extra=device_and_user
+        )
+        return AnswerResult(operation=committed, post_context=post_context if succeeded else None)
+
+    async def _consent_token(self, answer: DeviceAnswer, payload: bytes, point: bytes) -> str:
+        """The consent JWT: evidence anyone can check offline (JWKS for tapsign's signature,
+        the embedded key for the device's)."""
+        operation = self.operation
+        now = self.context.clock()
+        text = operation.text or ""
+        claims = {
+            "jti": str(operation.id),
+            "sub": str(operation.user_id),
+            "iat": int(now.timestamp()),
+            "txn": str(operation.id),
+            "authenticator": str(answer.device_id),
+            "consent": {
+                "text": text,
+                "sha256": b64url(hashlib.sha256(text.encode()).digest()),
+                "context": operation.pre_context or "",
+            },
+            "userVerification": answer.user_verification.value,
+            "signedPayload": b64url(payload),
+            "deviceSignature": b64url(answer.signature),
+            "devicePublicKey": b64url(point),
+        }
+        return await trio.to_thread.run_sync(
+            functools.partial(
+                self.context.consent.encode,
+                claims,
+                token_type="consent+jwt",  # noqa: S106 - a JWT type, not a password
+            )
+        )
+
+
+def _record_answer(
+    connection: Connection,
+    operation: Operation,
+    now: datetime,
+    *,
+    answer: DeviceAnswer,
+    verdict: Verdict,
+    point: bytes,
+    max_failed_attempts: int,
+) -> list[OutboxItem]:
+    """The device's and user's side of a judged answer, in the operation's transaction."""
+    items: list[OutboxItem] = []
+    succeeded = operation.phase is Phase.SUCCEEDED
+    user = db.get_user(connection, operation.user_id)
+    if operation.kind is OperationKind.REGISTRATION and succeeded:
+        db.insert_device(
+            connection,
+            Device(
+                id=operation.device_id,
+                user_id=operation.user_id,
+                name=answer.device_name or "authenticator",
+                platform=answer.platform or "unknown",
+                public_key=point,
+                status=DeviceStatus.ACTIVE,
+                enrolled_at=now,
+                updated_at=now,
+                last_used_at=now,
+                counter=answer.counter,
+            ),
+        )
+        db.append_audit(
+            connection,
+            at=now,
+            actor=f"device:{operation.device_id}",
+            action="device.enrolled",
+            outcome="ok",
+            operation_id=operation.id,
+            user_id=operation.user_id,
+            device_id=operation.device_id,
+        )
+    device = db.get_device(connection, operation.device_id)
+    if device is not None and (verdict.failed_attempt or verdict.verified):
+        changes: dict[str, Any] = {"updated_at": now}
+        if verdict.failed_attempt:
+            changes["failed_attempts"] = device.failed_attempts + 1
+            if (
+                changes["failed_attempts"] >= max_failed_attempts
+                and device.status is DeviceStatus.ACTIVE
+            ):
+                # PSD2 RTS art. 4(3)(b): at most five consecutive failures, then blocked.
+                changes["status"] = DeviceStatus.LOCKED
+                db.append_audit(
+                    connection,
+                    at=now,
+                    actor="system",
+                    action="device.locked",
+                    outcome="ok",
+                    operation_id=operation.id,
+                    user_id=operation.user_id,
+                    device_id=device.id,
+                    reason=f"{changes['failed_attempts']} consecutive failed verifications",
+                )
+                if operation.callback_url:
+                    items.append(
+                        _insert_callback(
+                            connection,
+                            operation,
+                            now,
+                            event="authenticator.locked",
+                            body={
+                                "authenticatorId": str(device.id),
+                                "userId": str(device.user_id),
+                                "failedAttempts": changes["failed_attempts"],
+                            },
+                        )
+                    )
+        else:
+            if (device.counter or answer.counter) and answer.counter <= device.counter:
+                # A counter that does not increase suggests a cloned key (WebAuthn §6.1.1):
+                # recorded as a risk signal, not a failure.
+                log.warning("non-increasing signature counter from device %s", device.id)
+                db.append_audit(
+                    connection,
+                    at=now,
+                    actor="system",
+                    action="device.counter-not-increasing",
+                    outcome="risk",
+                    operation_id=operation.id,
+                    user_id=operation.user_id,
+                    device_id=device.id,
+                    reason=f"counter {answer.counter} after {device.counter}",
+                )
+            changes.update(
+                failed_attempts=0, counter=max(device.counter, answer.counter), last_used_at=now
+            )
+        db.update_device(connection, msgspec.structs.replace(device, **changes))
+    if user is not None and (verdict.failed_attempt or verdict.verified):
+        user_changes: dict[str, Any] = {"updated_at": now}
+        if succeeded:
+            user_changes["last_login_at"] = now
+            if user.status is UserStatus.NEW:
+                user_changes["status"] = UserStatus.ACTIVE
+        elif verdict.failed_attempt:
+            user_changes["last_failed_login_at"] = now
+        db.update_user(connection, msgspec.structs.replace(user, **user_changes))
+    return items
+
+
+def _operation_callback(connection: Connection, operation: Operation, now: datetime) -> OutboxItem:
+    return _insert_callback(
+        connection,
+        operation,
+        now,
+        event=f"transaction.{operation.phase.value}",
+        body={
+            "status": operation.status,
+            "reason": None if operation.failure_reason is None else operation.failure_reason.value,
+            "kind": operation.kind.value,
+            "userId": str(operation.user_id),
+            "authenticatorId": str(operation.device_id),
+        },
+    )
+
+
+def _insert_callback(
+    connection: Connection, operation: Operation, now: datetime, *, event: str, body: dict[str, Any]
+) -> OutboxItem:
+    if operation.callback_url is None:  # pragma: no cover - callers check
+        raise InvalidInput("no callback URL", field="callbackUrl")
+    document = msgspec.json.encode(
+        {
+            "event": event,
+            "transactionId": str(operation.id),
+            "timestamp": now.isoformat(timespec="milliseconds"),
+            **body,
+        }
+    )
+    outbox_id = db.insert_outbox(
+        connection,
+        operation_id=operation.id,
+        event=event,
+        url=operation.callback_url,
+        body=document,
+        now=now,
+    )
+    return OutboxItem(
+        id=outbox_id,
+        operation_id=operation.id,
+        event=event,
+        url=operation.callback_url,
+        body=document,
+        attempts=0,
+        created_at=now,
+        next_attempt_at=now,
+    )
+
+
+class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    live_operations: int
+    started: int
+    resumed: int
+
+
+class Supervisor:
+    """Starts operations and the actors that own them; the API's way into operations."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self._actors: dict[UUID, OperationActor] = {}
+        self._nursery: trio.Nursery | None = None
+        self._started = 0
+        self._resumed = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Resume the stored pending operations, then supervise until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for operation in await self.context.store.read(db.pending_operations):
+                self._spawn(operation)
+                self._resumed += 1
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def statistics(self) -> SupervisorStatistics:
+        return SupervisorStatistics(
+            live_operations=len(self._actors), started=self._started, resumed=self._resumed
+        )
+
+    def _spawn(self, operation: Operation) -> OperationActor:
+        if self._nursery is None:
+            raise ServiceUnavailable("the engine is not running")
+        actor = OperationActor(self.context, operation, on_end=self._forget)
+        self._actors[operation.id] = actor
+        self._nursery.start_soon(actor.run)
+        return actor
+
+    def _forget(self, actor: OperationActor) -> None:
+        if self._actors.get(actor.operation.id) is actor:
+            del self._actors[actor.operation.id]
+
+    async def _live(self, operation_id: UUID) -> OperationActor:
+        """The operation's actor here. A pending operation without one (created by another
+        process) gets one; an ended operation refuses with its status."""
+        actor = self._actors.get(operation_id)
+        if actor is not None:
+            return actor
+        operation = await self._stored(operation_id)
+        if operation.phase.terminal:
+            raise OperationNotPending(f"the transaction is {operation.status}")
+        return self._actors.get(operation_id) or self._spawn(operation)
+
+    async def start(self, request: OperationRequest, *, actor: str) -> Operation:
+        """Check, store and start an operation; its actor runs until it ends."""
+        seconds = check_request(request, self.context.settings)
+        operation_id = uuid4()
+        sealed = None
+        if request.post_context is not None:
+            sealed = await trio.to_thread.run_sync(
+                functools.partial(
+                    self.context.keyring.encrypt,
+                    request.post_context.encode(),
+                    aad=operation_id.bytes,
+                )
+            )
+
+        def create(connection: Connection) -> Operation:
+            now = self.context.clock()
+            user = _resolve_user(connection, request, now)
+            if user.status in (UserStatus.LOCKED, UserStatus.DEACTIVATED):
+                raise UserNotActive(f"the user is {user.status}")
+            if request.kind is OperationKind.REGISTRATION:
+                device_id = uuid4()
+            else:
+                device_id = _target_device(connection, user, request.device_id).id
+            required = request.require_user_verification
+            operation = Operation(
+                id=operation_id,
+                kind=request.kind,
+                user_id=user.id,
+                device_id=device_id,
+                client_id=request.client_id,
+                phase=Phase.CREATED,
+                version=1,
+                challenge=secrets.token_bytes(32),
+                created_at=now,
+                updated_at=now,
+                expires_at=now + timedelta(seconds=seconds),
+                message=request.message,
+                payment=request.payment,
+                text=request.text,
+                pre_context=request.pre_context,
+                post_context_sealed=sealed,
+                require_user_verification=(
+                    request.kind in _NEEDS_UV if required is None else required
+                ),
+                callback_url=request.callback_url,
+            )
+            db.insert_operation(connection, operation)
+            db.append_audit(
+                connection,
+                at=now,
+                actor=actor,
+                action="operation.created",
+                outcome="pending",
+                operation_id=operation.id,
+                user_id=user.id,
+                device_id=device_id,
+                reason=operation.kind.value,
+            )
+            return operation
+
+        operation = await self.context.store.write(create)
+        self._spawn(operation)
+        self._started += 1
+        return operation
+
+    async def get(self, operation_id: UUID) -> Operation:
+        """The operation as its actor here knows it, else as stored."""
+        actor = self._actors.get(operation_id)
+        if actor is not None:
+            return actor.operation
+        return await self._stored(operation_id)
+
+    async def wait(self, operation_id: UUID, *, version: int) -> Operation:
+        """Return as soon as the operation's version passes ``version``.
+
+        Callers bound the wait with a cancel scope (long-poll), then read :meth:`get`. Only
+        an operation owned by an actor of this process can wake a waiter; one owned by
+        another process is read again when the caller's wait ends (no polling loop).
+        """
+        actor = self._actors.get(operation_id)
+        if actor is not None:
+            return await actor.wait_for_change(version)
+        operation = await self._stored(operation_id)
+        if operation.version > version or operation.phase.terminal:
+            return operation
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _stored(self, operation_id: UUID) -> Operation:
+        operation = await self.context.store.read(
+            lambda connection: db.get_operation(connection, operation_id)
+        )
+        if operation is None:
+            raise OperationNotFound("no transaction with that id")
+        return operation
+
+    async def dispatch(self, operation_id: UUID, device_id: UUID) -> Operation:
+        """The phone fetched the operation (by push, QR code, app link or polling)."""
+        actor = await self._live(operation_id)
+        if actor.operation.device_id != device_id:
+            raise OperationNotFound("no such transaction for this authenticator")
+        result: Operation = await actor.ask(Dispatch())
+        return result
+
+    async def answer(self, operation_id: UUID, answer: DeviceAnswer) -> AnswerResult:
+        actor = await self._live(operation_id)
+        result: AnswerResult = await actor.ask(Answer(), answer)
+        return result
+
+    async def cancel(self, operation_id: UUID) -> Operation:
+        actor = await self._live(operation_id)
+        result: Operation = await actor.ask(Cancel())
+        return result
+
+    async def pending_for_device(self, device_id: UUID) -> list[Operation]:
+        now = self.context.clock()
+        return await self.context.store.read(
+            lambda connection: db.pending_for_device(connection, device_id, now)
+        )
+
+    async def cancel_pending_for_user(self, user_id: UUID) -> int:
+        """Cancel what a deactivated or deleted user still had pending."""
+        pending = await self.context.store.read(
+            lambda connection: db.pending_for_user(connection, user_id)
+        )
+        cancelled = 0
+        for operation in pending:
+            try:
+                await self.cancel(operation.id)
+                cancelled += 1
+            except (OperationNotPending, OperationNotFound):
+                pass
+        return cancelled
+
+
+def _resolve_user(connection: Connection, request: OperationRequest, now: datetime) -> User:
+    if request.user_id is not None:
+        user = db.get_user(connection, request.user_id)
+        if user is None:
+            raise UserNotFound("no user with that id")
+        return user
+    username = request.username or ""
+    user = db.find_user(connection, username)
+    if user is not None:
+        return user
+    if request.create_user:
+        return new_user(connection, username, {}, now)
+    raise UserNotFound("no user with that username")
+
+
+def _target_device(connection: Connection, user: User, device_id: UUID | None) -> Device:
+    devices = db.list_devices(connection, user.id)
+    if device_id is not None:
+        device = next((device for device in devices if device.id == device_id), None)
+        if device is None:
+            raise InvalidInput(
+                "the user has no authenticator with that id", field="authenticatorId"
+            )
+        if device.status is not DeviceStatus.ACTIVE:
+            raise DeviceNotActive(f"the authenticator is {device.status}")
+        return device
+    active = [device for device in devices if device.status is DeviceStatus.ACTIVE]
+    if not active:
+        raise DeviceNotActive("the user has no active authenticator")
+    return max(active, key=lambda device: device.enrolled_at)

@@ -1,0 +1,208 @@
+"""Signed callbacks to relying parties, from the transactional outbox.
+
+Theory of operation
+-------------------
+An operation's state change and its callback's outbox row are written in one transaction
+(engine/actors.py), so a callback exists exactly when the change it reports does, and it
+survives a restart: at start-up every row neither delivered nor given up is queued again.
+
+Rows are queued per operation and delivered in order: the next callback of an operation
+waits until the one before it is delivered or given up. Different operations proceed
+independently, at most ``concurrency`` requests in flight, so a relying party whose
+endpoint fails does not hold up anyone else's callbacks: its deliveries sleep on their
+backoff (exponential from ``first_retry_seconds``, capped at ``max_retry_seconds``) and
+are given up after ``give_up_seconds`` (kept in the outbox, marked failed, logged).
+Delivery is at least once: ``Tapsign-Delivery`` carries the outbox id as an idempotency key.
+
+Every request is signed with the callback-signing key in the HSM (ES256, verifiable from
+the JWKS; docs/reference/callbacks.md)::
+
+    Tapsign-Signature: t=<unix seconds>,kid=<kid>,es256=<base64url r||s over "<t>." + body>
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections import deque
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import httpx
+import msgspec
+import trio
+from sqlalchemy.engine import Connection
+
+from engine import store as db
+from engine.model import Clock
+from engine.payload import b64url
+from engine.settings import CallbackSettings
+from engine.store import OutboxItem, Store
+from hsm.keyring import KeyPurpose, Keyring
+
+log = logging.getLogger(__name__)
+
+
+class CallbackStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    queued: int
+    in_flight: int
+    delivered: int
+    retried: int
+    given_up: int
+
+
+class CallbackDeliverer:
+    """Delivers outbox rows; :meth:`enqueue` is called after the rows' transaction commits."""
+
+    def __init__(
+        self,
+        store: Store,
+        keyring: Keyring,
+        settings: CallbackSettings,
+        *,
+        clock: Clock,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._settings = settings
+        self._clock = clock
+        self._client = client
+        self._queues: dict[str, deque[OutboxItem]] = {}
+        self._queued: set[int] = set()
+        self._limiter = trio.CapacityLimiter(settings.concurrency)
+        self._nursery: trio.Nursery | None = None
+        self._delivered = 0
+        self._retried = 0
+        self._given_up = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Queue what the outbox still holds, then deliver until cancelled."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._client is None:
+                self._client = await stack.enter_async_context(
+                    httpx.AsyncClient(timeout=self._settings.timeout_seconds)
+                )
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            for key in self._queues:  # queued before the deliverer ran
+                self._nursery.start_soon(self._drain, key)
+            self.enqueue(await self._store.read(db.undelivered))
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def enqueue(self, items: Sequence[OutboxItem]) -> None:
+        for item in items:
+            if item.id in self._queued:
+                continue
+            self._queued.add(item.id)
+            key = str(item.operation_id or f"outbox-{item.id}")
+            queue = self._queues.get(key)
+            if queue is not None:
+                queue.append(item)
+                continue
+            self._queues[key] = deque([item])
+            if self._nursery is not None:
+                self._nursery.start_soon(self._drain, key)
+
+    def statistics(self) -> CallbackStatistics:
+        return CallbackStatistics(
+            queued=sum(len(queue) for queue in self._queues.values()),
+            in_flight=self._limiter.borrowed_tokens,
+            delivered=self._delivered,
+            retried=self._retried,
+            given_up=self._given_up,
+        )
+
+    async def _drain(self, key: str) -> None:
+        queue = self._queues[key]
+        try:
+            while queue:
+                await self._deliver(queue[0])
+                self._queued.discard(queue.popleft().id)
+        finally:
+            if not queue:
+                del self._queues[key]
+
+    async def _deliver(self, item: OutboxItem) -> None:
+        next_attempt_at, attempts = item.next_attempt_at, item.attempts
+        while True:
+            await trio.sleep(max((next_attempt_at - self._clock()).total_seconds(), 0.0))
+            async with self._limiter:
+                error = await self._post(item)
+            now = self._clock()
+            attempts += 1
+            if error is None:
+                self._delivered += 1
+                await self._record(item, now=now, delivered=True, next_attempt_at=None, error=None)
+                return
+            if (now - item.created_at).total_seconds() >= self._settings.give_up_seconds:
+                self._given_up += 1
+                log.error(
+                    "callback %s (%s) given up after %d attempts: %s",
+                    item.id,
+                    item.event,
+                    attempts,
+                    error,
+                )
+                await self._record(
+                    item, now=now, delivered=False, next_attempt_at=None, error=error
+                )
+                return
+            self._retried += 1
+            delay = min(
+                self._settings.first_retry_seconds * 2 ** (attempts - 1),
+                self._settings.max_retry_seconds,
+            )
+            next_attempt_at = now + timedelta(seconds=delay)
+            log.info("callback %s failed (%s); retry in %.0f s", item.id, error, delay)
+            await self._record(
+                item, now=now, delivered=False, next_attempt_at=next_attempt_at, error=error
+            )
+
+    async def _record(
+        self,
+        item: OutboxItem,
+        *,
+        now: datetime,
+        delivered: bool,
+        next_attempt_at: datetime | None,
+        error: str | None,
+    ) -> None:
+        def record(connection: Connection) -> None:
+            db.record_delivery(
+                connection,
+                item.id,
+                now=now,
+                delivered=delivered,
+                next_attempt_at=next_attempt_at,
+                error=error,
+            )
+
+        await self._store.write(record)
+
+    async def _post(self, item: OutboxItem) -> str | None:
+        """One attempt; None if the relying party took it (2xx), else why not."""
+        timestamp = str(int(self._clock().timestamp()))
+        kid = self._keyring.active(KeyPurpose.CALLBACK).kid
+        signature = await trio.to_thread.run_sync(
+            functools.partial(self._keyring.sign, kid, timestamp.encode() + b"." + item.body)
+        )
+        headers = {
+            "Content-Type": "application/json",
+            "Tapsign-Event": item.event,
+            "Tapsign-Delivery": str(item.id),
+            "Tapsign-Signature": f"t={timestamp},kid={kid},es256={b64url(signature)}",
+        }
+        if self._client is None:  # pragma: no cover - run() sets it first
+            return "no HTTP client"
+        try:
+            response = await self._client.post(item.url, content=item.body, headers=headers)
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        if 200 <= response.status_code < 300:
+            return None
+        return f"HTTP {response.status_code}"

@@ -1,0 +1,316 @@
+"""Users and their devices (authenticators): the identity store's rules.
+
+Usernames are opaque identifiers chosen by the relying party; they must not carry personal
+data (docs/reference/limits.md). Every change is one transaction with its audit entry; bad
+input raises a typed error before anything is written.
+
+Status rules:
+
+* a user is ``new`` until a registration succeeds, then ``active``; ``locked`` users cannot
+  start or complete operations; ``deactivated`` is final and revokes every device of the
+  user at once (PSD2 RTS art. 27);
+* a device is ``active``, ``locked`` (after too many failed verifications, or by request;
+  unlocking resets the failure count) or ``deactivated`` (final).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from uuid import UUID, uuid4
+
+import msgspec
+from sqlalchemy.engine import Connection
+
+from engine import store as db
+from engine.errors import (
+    DeviceNotActive,
+    DeviceNotFound,
+    InvalidInput,
+    UsernameTaken,
+    UserNotActive,
+    UserNotFound,
+)
+from engine.model import (
+    ATTRIBUTE_KEY_PATTERN,
+    MAX_ATTRIBUTE_VALUE,
+    MAX_ATTRIBUTES,
+    USERNAME_PATTERN,
+    Clock,
+    Device,
+    DeviceStatus,
+    User,
+    UserStatus,
+    utc_now,
+)
+from engine.store import Store
+
+_USERNAME = re.compile(USERNAME_PATTERN)
+_ATTRIBUTE_KEY = re.compile(ATTRIBUTE_KEY_PATTERN)
+
+
+def check_username(username: str) -> str:
+    if not _USERNAME.match(username):
+        raise InvalidInput(
+            "username must be 1 to 300 characters of A-Z, a-z, 0-9 and _ . @ -", field="username"
+        )
+    return username
+
+
+def check_attributes(attributes: Mapping[str, object]) -> dict[str, str]:
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise InvalidInput(f"at most {MAX_ATTRIBUTES} attributes", field="attributes")
+    checked: dict[str, str] = {}
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not _ATTRIBUTE_KEY.match(key):
+            raise InvalidInput(
+                "attribute names are 1 to 64 characters of A-Z, a-z, 0-9 and _ . -",
+                field="attributes",
+            )
+        if not isinstance(value, str) or len(value) > MAX_ATTRIBUTE_VALUE:
+            raise InvalidInput(
+                f"attribute {key}: values are strings of at most {MAX_ATTRIBUTE_VALUE} characters",
+                field=f"attributes.{key}",
+            )
+        checked[key] = value
+    return checked
+
+
+def require_user(connection: Connection, user_id: UUID) -> User:
+    user = db.get_user(connection, user_id)
+    if user is None:
+        raise UserNotFound("no user with that id")
+    return user
+
+
+def require_device(connection: Connection, device_id: UUID) -> Device:
+    device = db.get_device(connection, device_id)
+    if device is None:
+        raise DeviceNotFound("no authenticator with that id")
+    return device
+
+
+def new_user(
+    connection: Connection, username: str, attributes: dict[str, str], now: datetime
+) -> User:
+    """Insert a ``new`` user (no device yet), after checking the username is free."""
+    if db.username_taken(connection, username):
+        raise UsernameTaken("that username is taken")
+    user = User(
+        id=uuid4(),
+        username=username,
+        status=UserStatus.NEW,
+        attributes=attributes,
+        created_at=now,
+        updated_at=now,
+    )
+    db.insert_user(connection, user)
+    return user
+
+
+class Identity:
+    """Users and devices, for the relying party's API and for the administrator."""
+
+    def __init__(self, store: Store, *, clock: Clock = utc_now) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def create_user(
+        self, username: str, attributes: Mapping[str, object] | None = None, *, actor: str
+    ) -> User:
+        check_username(username)
+        checked = check_attributes(attributes or {})
+
+        def create(connection: Connection) -> User:
+            now = self._clock()
+            user = new_user(connection, username, checked, now)
+            db.append_audit(
+                connection,
+                at=now,
+                actor=actor,
+                action="user.created",
+                outcome="ok",
+                user_id=user.id,
+            )
+            return user
+
+        return await self._store.write(create)
+
+    async def get_user(self, user_id: UUID) -> User:
+        return await self._store.read(lambda connection: require_user(connection, user_id))
+
+    async def find_user(self, username: str) -> User:
+        check_username(username)
+
+        def find(connection: Connection) -> User:
+            user = db.find_user(connection, username)
+            if user is None:
+                raise UserNotFound("no user with that username")
+            return user
+
+        return await self._store.read(find)
+
+    async def update_attributes(
+        self,
+        user_id: UUID,
+        *,
+        set_attributes: Mapping[str, object] | None = None,
+        remove: Iterable[str] = (),
+        actor: str,
+    ) -> User:
+        """Set some keys and remove others; the result must still be within the limits."""
+        updates = check_attributes(set_attributes or {})
+        removals = list(remove)
+
+        def update(connection: Connection) -> User:
+            user = require_user(connection, user_id)
+            attributes = {
+                key: value for key, value in user.attributes.items() if key not in removals
+            }
+            attributes.update(updates)
+            check_attributes(attributes)
+            now = self._clock()
+            changed = msgspec.structs.replace(user, attributes=attributes, updated_at=now)
+            db.update_user(connection, changed)
+            db.append_audit(
+                connection,
+                at=now,
+                actor=actor,
+                action="user.attributes-updated",
+                outcome="ok",
+                user_id=user_id,
+            )
+            return changed
+
+        return await self._store.write(update)
+
+    async def lock_user(self, user_id: UUID, *, actor: str) -> User:
+        return await self._set_user_status(user_id, UserStatus.LOCKED, actor=actor)
+
+    async def unlock_user(self, user_id: UUID, *, actor: str) -> User:
+        return await self._set_user_status(user_id, UserStatus.ACTIVE, actor=actor)
+
+    async def deactivate_user(self, user_id: UUID, *, actor: str) -> User:
+        """Final: the user and every device of the user are revoked at once (RTS art. 27)."""
+        return await self._set_user_status(user_id, UserStatus.DEACTIVATED, actor=actor)
+
+    async def _set_user_status(self, user_id: UUID, target: UserStatus, *, actor: str) -> User:
+        def change(connection: Connection) -> User:
+            user = require_user(connection, user_id)
+            if user.status is UserStatus.DEACTIVATED:
+                raise UserNotActive("the user is deactivated; that is final")
+            status = target
+            if target is UserStatus.ACTIVE:
+                if user.status is not UserStatus.LOCKED:
+                    return user
+                active = any(
+                    device.status is not DeviceStatus.DEACTIVATED
+                    for device in db.list_devices(connection, user_id)
+                )
+                status = UserStatus.ACTIVE if active else UserStatus.NEW
+            elif user.status is target:
+                return user
+            now = self._clock()
+            changed = msgspec.structs.replace(user, status=status, updated_at=now)
+            db.update_user(connection, changed)
+            action = {
+                UserStatus.LOCKED: "user.locked",
+                UserStatus.DEACTIVATED: "user.deactivated",
+            }.get(target, "user.unlocked")
+            db.append_audit(
+                connection, at=now, actor=actor, action=action, outcome="ok", user_id=user_id
+            )
+            if target is UserStatus.DEACTIVATED:
+                for device in db.list_devices(connection, user_id):
+                    if device.status is not DeviceStatus.DEACTIVATED:
+                        revoke_device(connection, device, now=now, actor=actor)
+            return changed
+
+        return await self._store.write(change)
+
+    async def delete_user(self, user_id: UUID, *, actor: str) -> None:
+        """Delete the user and the user's devices; the audit trail keeps its entries."""
+
+        def delete(connection: Connection) -> None:
+            require_user(connection, user_id)
+            db.delete_user(connection, user_id)
+            db.append_audit(
+                connection,
+                at=self._clock(),
+                actor=actor,
+                action="user.deleted",
+                outcome="ok",
+                user_id=user_id,
+            )
+
+        await self._store.write(delete)
+
+    async def list_devices(self, user_id: UUID) -> list[Device]:
+        def devices(connection: Connection) -> list[Device]:
+            require_user(connection, user_id)
+            return db.list_devices(connection, user_id)
+
+        return await self._store.read(devices)
+
+    async def get_device(self, device_id: UUID) -> Device:
+        return await self._store.read(lambda connection: require_device(connection, device_id))
+
+    async def lock_device(self, device_id: UUID, *, actor: str) -> Device:
+        return await self._set_device_status(device_id, DeviceStatus.LOCKED, actor=actor)
+
+    async def unlock_device(self, device_id: UUID, *, actor: str) -> Device:
+        """Active again, with the count of failed attempts reset (RTS art. 4(4))."""
+        return await self._set_device_status(device_id, DeviceStatus.ACTIVE, actor=actor)
+
+    async def deactivate_device(self, device_id: UUID, *, actor: str) -> Device:
+        """Final: the device's signatures are refused from now on (RTS art. 27)."""
+        return await self._set_device_status(device_id, DeviceStatus.DEACTIVATED, actor=actor)
+
+    async def _set_device_status(
+        self, device_id: UUID, target: DeviceStatus, *, actor: str
+    ) -> Device:
+        def change(connection: Connection) -> Device:
+            device = require_device(connection, device_id)
+            if device.status is DeviceStatus.DEACTIVATED:
+                raise DeviceNotActive("the authenticator is deactivated; that is final")
+            unlocking = target is DeviceStatus.ACTIVE
+            if device.status is target and not (unlocking and device.failed_attempts):
+                return device
+            now = self._clock()
+            if target is DeviceStatus.DEACTIVATED:
+                return revoke_device(connection, device, now=now, actor=actor)
+            changed = msgspec.structs.replace(
+                device,
+                status=target,
+                failed_attempts=0 if unlocking else device.failed_attempts,
+                updated_at=now,
+            )
+            db.update_device(connection, changed)
+            db.append_audit(
+                connection,
+                at=now,
+                actor=actor,
+                action="device.locked" if target is DeviceStatus.LOCKED else "device.unlocked",
+                outcome="ok",
+                user_id=device.user_id,
+                device_id=device_id,
+            )
+            return changed
+
+        return await self._store.write(change)
+
+
+def revoke_device(connection: Connection, device: Device, *, now: datetime, actor: str) -> Device:
+    changed = msgspec.structs.replace(device, status=DeviceStatus.DEACTIVATED, updated_at=now)
+    db.update_device(connection, changed)
+    db.append_audit(
+        connection,
+        at=now,
+        actor=actor,
+        action="device.deactivated",
+        outcome="ok",
+        user_id=device.user_id,
+        device_id=device.id,
+    )
+    return changed

@@ -1,0 +1,86 @@
+"""The engine as one service: store, identity, supervisor, callbacks and the verifier.
+
+``Engine.run`` migrates the database, then starts, in one nursery, the batched verifier,
+the callback deliverer (which queues what the outbox still holds) and the supervisor
+(which resumes the stored pending operations). The API holds an ``Engine`` and talks to
+``engine.identity`` for users and devices and to ``engine.supervisor`` for operations.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import httpx
+import trio
+
+from engine import audit
+from engine import store as db
+from engine.actors import Context, Supervisor
+from engine.callbacks import CallbackDeliverer
+from engine.identity import Identity
+from engine.model import Clock, User, utc_now
+from engine.settings import EngineSettings
+from engine.store import Store
+from hsm.keyring import KeyPurpose, Keyring
+from hsm.tokens import TokenSigner
+from hsm.verifier import BatchVerifier
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        *,
+        keyring: Keyring,
+        verifier: BatchVerifier,
+        issuer: str,
+        clock: Clock = utc_now,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = Store(settings.database)
+        self.keyring = keyring
+        self.verifier = verifier
+        self.identity = Identity(self.store, clock=clock)
+        self.callbacks = CallbackDeliverer(
+            self.store, keyring, settings.callbacks, clock=clock, client=http_client
+        )
+        self.supervisor = Supervisor(
+            Context(
+                store=self.store,
+                keyring=keyring,
+                verifier=verifier,
+                consent=TokenSigner(keyring, KeyPurpose.CONSENT, issuer=issuer),
+                callbacks=self.callbacks,
+                settings=settings.operations,
+                clock=clock,
+            )
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled."""
+        await trio.to_thread.run_sync(self.store.migrate)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.verifier.run)
+                await nursery.start(self.callbacks.run)
+                await nursery.start(self.supervisor.run)
+                task_status.started()
+        finally:
+            self.store.close()
+
+    async def deactivate_user(self, user_id: UUID, *, actor: str) -> User:
+        """Deactivate the user and every device (final), and cancel what was pending."""
+        user = await self.identity.deactivate_user(user_id, actor=actor)
+        await self.supervisor.cancel_pending_for_user(user_id)
+        return user
+
+    async def delete_user(self, user_id: UUID, *, actor: str) -> None:
+        """Cancel what the user had pending, then delete the user and the user's devices."""
+        await self.supervisor.cancel_pending_for_user(user_id)
+        await self.identity.delete_user(user_id, actor=actor)
+
+    async def verify_audit(self) -> list[str]:
+        """Problems found in the audit trail; empty when it is intact."""
+        entries, head_seq, head_hash = await self.store.read(db.read_audit)
+        return audit.verify_chain(entries, head_seq=head_seq, head_hash=head_hash)
