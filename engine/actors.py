@@ -687,8 +687,9 @@ class Supervisor:
                 )
             )
 
+        now = self.context.clock()
+
         def create(connection: Connection) -> Operation:
-            now = self.context.clock()
             user = _resolve_user(connection, request, now)
             if user.status in (UserStatus.LOCKED, UserStatus.DEACTIVATED):
                 raise UserNotActive(f"the user is {user.status}")

@@ -1,5 +1,7 @@
 """Users and their devices (authenticators): the identity store's rules.
 
+(The clock is read in the Trio thread, before a unit of work goes to its worker thread.)
+
 Usernames are opaque identifiers chosen by the relying party; they must not carry personal
 data (docs/reference/limits.md). Every change is one transaction with its audit entry; bad
 input raises a typed error before anything is written.
@@ -122,8 +124,9 @@ class Identity:
         check_username(username)
         checked = check_attributes(attributes or {})
 
+        now = self._clock()
+
         def create(connection: Connection) -> User:
-            now = self._clock()
             user = new_user(connection, username, checked, now)
             db.append_audit(
                 connection,
@@ -163,6 +166,8 @@ class Identity:
         updates = check_attributes(set_attributes or {})
         removals = list(remove)
 
+        now = self._clock()
+
         def update(connection: Connection) -> User:
             user = require_user(connection, user_id)
             attributes = {
@@ -170,7 +175,6 @@ class Identity:
             }
             attributes.update(updates)
             check_attributes(attributes)
-            now = self._clock()
             changed = msgspec.structs.replace(user, attributes=attributes, updated_at=now)
             db.update_user(connection, changed)
             db.append_audit(
@@ -196,6 +200,8 @@ class Identity:
         return await self._set_user_status(user_id, UserStatus.DEACTIVATED, actor=actor)
 
     async def _set_user_status(self, user_id: UUID, target: UserStatus, *, actor: str) -> User:
+        now = self._clock()
+
         def change(connection: Connection) -> User:
             user = require_user(connection, user_id)
             if user.status is UserStatus.DEACTIVATED:
@@ -211,7 +217,6 @@ class Identity:
                 status = UserStatus.ACTIVE if active else UserStatus.NEW
             elif user.status is target:
                 return user
-            now = self._clock()
             changed = msgspec.structs.replace(user, status=status, updated_at=now)
             db.update_user(connection, changed)
             action = {
@@ -232,12 +237,14 @@ class Identity:
     async def delete_user(self, user_id: UUID, *, actor: str) -> None:
         """Delete the user and the user's devices; the audit trail keeps its entries."""
 
+        now = self._clock()
+
         def delete(connection: Connection) -> None:
             require_user(connection, user_id)
             db.delete_user(connection, user_id)
             db.append_audit(
                 connection,
-                at=self._clock(),
+                at=now,
                 actor=actor,
                 action="user.deleted",
                 outcome="ok",
@@ -270,6 +277,8 @@ class Identity:
     async def _set_device_status(
         self, device_id: UUID, target: DeviceStatus, *, actor: str
     ) -> Device:
+        now = self._clock()
+
         def change(connection: Connection) -> Device:
             device = require_device(connection, device_id)
             if device.status is DeviceStatus.DEACTIVATED:
@@ -277,7 +286,6 @@ class Identity:
             unlocking = target is DeviceStatus.ACTIVE
             if device.status is target and not (unlocking and device.failed_attempts):
                 return device
-            now = self._clock()
             if target is DeviceStatus.DEACTIVATED:
                 return revoke_device(connection, device, now=now, actor=actor)
             changed = msgspec.structs.replace(

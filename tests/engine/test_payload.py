@@ -1,0 +1,112 @@
+"""The signed payload: canonical, complete, and sensitive to every field the user saw."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from uuid import UUID
+
+import msgspec
+import pytest
+
+from engine.errors import InvalidInput
+from engine.model import (
+    Decision,
+    Operation,
+    OperationKind,
+    Payee,
+    Payment,
+    Phase,
+    UserVerification,
+)
+from engine.payload import signed_payload
+
+AT = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
+PAYMENT = Operation(
+    id=UUID("6f9619ff-8b86-d011-b42d-00c04fc964ff"),
+    kind=OperationKind.AUTHORISATION,
+    user_id=UUID("00000000-0000-4000-8000-000000000001"),
+    device_id=UUID("00000000-0000-4000-8000-000000000002"),
+    phase=Phase.DISPATCHED,
+    version=2,
+    challenge=bytes(range(32)),
+    created_at=AT,
+    updated_at=AT,
+    expires_at=AT,
+    message="Pay Café Zürich",
+    payment=Payment(amount="12.50", currency="EUR", payee=Payee(name="Café", account="CH93 0076")),
+    pre_context="card ending 1234",
+)
+ANSWER = {
+    "device_id": PAYMENT.device_id,
+    "decision": Decision.APPROVE,
+    "user_verification": UserVerification.BIOMETRIC,
+    "counter": 7,
+}
+
+
+def test_the_bytes_are_exactly_the_documented_ones() -> None:
+    expected = (
+        b'{"amount":"12.50","challenge":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",'
+        b'"context":"card ending 1234","counter":7,"currency":"EUR",'
+        b'"decision":"approve","device":"00000000-0000-4000-8000-000000000002",'
+        b'"format":"tapsign-sca/1","kind":"authorisation",'
+        b'"message":"Pay Caf\\u00e9 Z\\u00fcrich","operation":"6f9619ff-8b86-d011-b42d-00c04fc964ff",'
+        b'"payeeAccount":"CH93 0076","payeeName":"Caf\\u00e9","user":"00000000-0000-4000-8000-000000000001",'
+        b'"userVerification":"biometric"}'
+    )
+    assert signed_payload(PAYMENT, **ANSWER) == expected
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"payment": Payment(amount="12.51", currency="EUR", payee=PAYMENT.payment.payee)},  # type: ignore[union-attr]
+        {"payment": Payment(amount="12.50", currency="CHF", payee=PAYMENT.payment.payee)},  # type: ignore[union-attr]
+        {
+            "payment": Payment(
+                amount="12.50", currency="EUR", payee=Payee(name="Cafe", account="CH93 0076")
+            )
+        },
+        {
+            "payment": Payment(
+                amount="12.50", currency="EUR", payee=Payee(name="Café", account="CH93 0077")
+            )
+        },
+        {"message": "Pay Café Zürich!"},
+        {"pre_context": "card ending 1235"},
+        {"challenge": bytes(32)},
+        {"user_id": UUID("00000000-0000-4000-8000-000000000009")},
+        {"id": UUID("00000000-0000-4000-8000-00000000000a")},
+    ],
+)
+def test_any_change_to_what_was_shown_changes_the_bytes(change: dict[str, object]) -> None:
+    """PSD2 RTS art. 5: amount and payee (and all else shown) are bound to the signature."""
+    changed = msgspec.structs.replace(PAYMENT, **change)
+    assert signed_payload(changed, **ANSWER) != signed_payload(PAYMENT, **ANSWER)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"decision": Decision.DECLINE},
+        {"user_verification": UserVerification.NONE},
+        {"counter": 8},
+        {"device_id": UUID("00000000-0000-4000-8000-000000000003")},
+    ],
+)
+def test_the_phone_s_own_statements_are_signed_too(change: dict[str, object]) -> None:
+    assert signed_payload(PAYMENT, **{**ANSWER, **change}) != signed_payload(PAYMENT, **ANSWER)  # type: ignore[arg-type]
+
+
+def test_kind_specific_fields() -> None:
+    consent = msgspec.structs.replace(
+        PAYMENT, kind=OperationKind.SIGNATURE, payment=None, text="I agree to the terms"
+    )
+    assert b'"text":"I agree to the terms"' in signed_payload(consent, **ANSWER)
+    assert b"amount" not in signed_payload(consent, **ANSWER)
+    registration = msgspec.structs.replace(PAYMENT, kind=OperationKind.REGISTRATION, payment=None)
+    with pytest.raises(InvalidInput, match=r"^a registration answer carries the new public key$"):
+        signed_payload(registration, **ANSWER)
+    assert b'"publicKey":"BAEC"' in signed_payload(
+        registration, **ANSWER, public_key=b"\x04\x01\x02"
+    )
