@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -36,7 +37,7 @@ PAYMENT = Operation(
     payment=Payment(amount="12.50", currency="EUR", payee=Payee(name="Café", account="CH93 0076")),
     pre_context="card ending 1234",
 )
-ANSWER = {
+ANSWER: dict[str, Any] = {
     "device_id": PAYMENT.device_id,
     "decision": Decision.APPROVE,
     "user_verification": UserVerification.BIOMETRIC,
@@ -50,8 +51,10 @@ def test_the_bytes_are_exactly_the_documented_ones() -> None:
         b'"context":"card ending 1234","counter":7,"currency":"EUR",'
         b'"decision":"approve","device":"00000000-0000-4000-8000-000000000002",'
         b'"format":"tapsign-sca/1","kind":"authorisation",'
-        b'"message":"Pay Caf\\u00e9 Z\\u00fcrich","operation":"6f9619ff-8b86-d011-b42d-00c04fc964ff",'
-        b'"payeeAccount":"CH93 0076","payeeName":"Caf\\u00e9","user":"00000000-0000-4000-8000-000000000001",'
+        b'"message":"Pay Caf\\u00e9 Z\\u00fcrich",'
+        b'"operation":"6f9619ff-8b86-d011-b42d-00c04fc964ff",'
+        b'"payeeAccount":"CH93 0076","payeeName":"Caf\\u00e9",'
+        b'"user":"00000000-0000-4000-8000-000000000001",'
         b'"userVerification":"biometric"}'
     )
     assert signed_payload(PAYMENT, **ANSWER) == expected
@@ -79,7 +82,7 @@ def test_the_bytes_are_exactly_the_documented_ones() -> None:
         {"id": UUID("00000000-0000-4000-8000-00000000000a")},
     ],
 )
-def test_any_change_to_what_was_shown_changes_the_bytes(change: dict[str, object]) -> None:
+def test_any_change_to_what_was_shown_changes_the_bytes(change: dict[str, Any]) -> None:
     """PSD2 RTS art. 5: amount and payee (and all else shown) are bound to the signature."""
     changed = msgspec.structs.replace(PAYMENT, **change)
     assert signed_payload(changed, **ANSWER) != signed_payload(PAYMENT, **ANSWER)
@@ -94,8 +97,8 @@ def test_any_change_to_what_was_shown_changes_the_bytes(change: dict[str, object
         {"device_id": UUID("00000000-0000-4000-8000-000000000003")},
     ],
 )
-def test_the_phone_s_own_statements_are_signed_too(change: dict[str, object]) -> None:
-    assert signed_payload(PAYMENT, **{**ANSWER, **change}) != signed_payload(PAYMENT, **ANSWER)  # type: ignore[arg-type]
+def test_the_phone_s_own_statements_are_signed_too(change: dict[str, Any]) -> None:
+    assert signed_payload(PAYMENT, **{**ANSWER, **change}) != signed_payload(PAYMENT, **ANSWER)
 
 
 def test_kind_specific_fields() -> None:
