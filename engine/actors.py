@@ -474,6 +474,7 @@ def _record_answer(
     succeeded = operation.phase is Phase.SUCCEEDED
     user = db.get_user(connection, operation.user_id)
     if operation.kind is OperationKind.REGISTRATION and succeeded:
+        # A new device: nothing to count against yet.
         db.insert_device(
             connection,
             Device(
@@ -499,7 +500,8 @@ def _record_answer(
             user_id=operation.user_id,
             device_id=operation.device_id,
         )
-    device = db.get_device(connection, operation.device_id)
+    registered = operation.kind is OperationKind.REGISTRATION
+    device = None if registered else db.get_device(connection, operation.device_id)
     if device is not None and (verdict.failed_attempt or verdict.verified):
         changes: dict[str, Any] = {"updated_at": now}
         if verdict.failed_attempt:

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import trio
 
-from engine.settings import DatabaseSettings
+from engine.service import Engine
+from engine.settings import DatabaseSettings, EngineSettings
 from engine.store import Store
+from hsm.keyring import Keyring
+from hsm.keystores import Pkcs11KeyStore
+from hsm.pkcs11_token import Pkcs11Token
+from hsm.verifier import BatchVerifier
+from hsm.verify_backends import OpenSSLVerifyBackend
 
 POSTGRES_URL = os.environ.get(
     "TAPSIGN_TEST_DATABASE_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"
@@ -62,3 +71,58 @@ def store(database_url: str) -> Iterator[Store]:
     store.migrate()
     yield store
     store.close()
+
+
+class TrioWallClock:
+    """A UTC wall clock that follows Trio's clock, so MockClock jumps move it too."""
+
+    def __init__(self) -> None:
+        self._origin: tuple[datetime, float] | None = None
+
+    def __call__(self) -> datetime:
+        now = trio.current_time()
+        if self._origin is None:
+            self._origin = (datetime.now(UTC), now)
+        wall, start = self._origin
+        return wall + timedelta(seconds=now - start)
+
+
+@pytest.fixture
+def keyring(token: Pkcs11Token) -> Keyring:
+    keyring = Keyring(Pkcs11KeyStore(token))
+    keyring.ensure()
+    return keyring
+
+
+EngineFactory = Callable[[], AbstractAsyncContextManager[Engine]]
+
+
+@pytest.fixture
+def engine_factory(database_url: str, keyring: Keyring) -> EngineFactory:
+    """Make engines on one database (several of them: a restart, or two processes)."""
+    clock = TrioWallClock()
+
+    @asynccontextmanager
+    async def running() -> AsyncIterator[Engine]:
+        engine = Engine(
+            EngineSettings(database=DatabaseSettings(url=database_url, pool_size=4)),
+            keyring=keyring,
+            verifier=BatchVerifier(OpenSSLVerifyBackend(), workers=2),
+            issuer=ISSUER,
+            clock=clock,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            yield engine
+            nursery.cancel_scope.cancel()
+
+    return running
+
+
+@pytest.fixture
+async def engine(engine_factory: EngineFactory) -> AsyncIterator[Engine]:
+    async with engine_factory() as running:
+        yield running
+
+
+ISSUER = "https://tapsign.test"

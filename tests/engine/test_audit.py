@@ -5,8 +5,8 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
-import trio
 import sqlalchemy as sa
+import trio
 
 from engine import audit
 from engine import store as db
