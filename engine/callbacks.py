@@ -136,11 +136,10 @@ class CallbackDeliverer:
             now = self._clock()
             attempts += 1
             if error is None:
-                self._delivered += 1
                 await self._record(item, now=now, delivered=True, next_attempt_at=None, error=None)
+                self._delivered += 1
                 return
             if (now - item.created_at).total_seconds() >= self._settings.give_up_seconds:
-                self._given_up += 1
                 log.error(
                     "callback %s (%s) given up after %d attempts: %s",
                     item.id,
@@ -151,8 +150,8 @@ class CallbackDeliverer:
                 await self._record(
                     item, now=now, delivered=False, next_attempt_at=None, error=error
                 )
+                self._given_up += 1
                 return
-            self._retried += 1
             delay = min(
                 self._settings.first_retry_seconds * 2 ** (attempts - 1),
                 self._settings.max_retry_seconds,
@@ -162,6 +161,7 @@ class CallbackDeliverer:
             await self._record(
                 item, now=now, delivered=False, next_attempt_at=next_attempt_at, error=error
             )
+            self._retried += 1
 
     async def _record(
         self,

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 import trio
 
 from engine.service import Engine
-from engine.settings import DatabaseSettings, EngineSettings
+from engine.settings import CallbackSettings, DatabaseSettings, EngineSettings
 from engine.store import Store
 from hsm.keyring import Keyring
 from hsm.keystores import Pkcs11KeyStore
@@ -94,7 +94,7 @@ def keyring(token: Pkcs11Token) -> Keyring:
     return keyring
 
 
-EngineFactory = Callable[[], AbstractAsyncContextManager[Engine]]
+EngineFactory = Callable[..., AbstractAsyncContextManager[Engine]]
 
 
 @pytest.fixture
@@ -103,9 +103,12 @@ def engine_factory(database_url: str, keyring: Keyring) -> EngineFactory:
     clock = TrioWallClock()
 
     @asynccontextmanager
-    async def running() -> AsyncIterator[Engine]:
+    async def running(callbacks: CallbackSettings | None = None) -> AsyncIterator[Engine]:
         engine = Engine(
-            EngineSettings(database=DatabaseSettings(url=database_url, pool_size=4)),
+            EngineSettings(
+                database=DatabaseSettings(url=database_url, pool_size=4),
+                callbacks=callbacks or CallbackSettings(),
+            ),
             keyring=keyring,
             verifier=BatchVerifier(OpenSSLVerifyBackend(), workers=2),
             issuer=ISSUER,

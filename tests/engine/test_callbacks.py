@@ -1,0 +1,220 @@
+"""Callbacks: signed, delivered in order, retried with backoff, surviving restarts, and a
+failing endpoint holding up nobody else. A real HTTP server plays the relying party."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator, Callable
+from uuid import UUID
+
+import jwt
+import msgspec
+import pytest
+import sqlalchemy as sa
+import trio
+import trio.testing
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from engine.model import FailureReason, OperationKind, OperationRequest, Phase
+from engine.schema import outbox
+from engine.service import Engine
+from engine.settings import CallbackSettings
+from hsm.keyring import Keyring
+from sdk.device import Authenticator
+from tests.engine.conftest import EngineFactory
+from tests.receiver import Received, Receiver
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(receiver.serve)
+        yield receiver
+        nursery.cancel_scope.cancel()
+
+
+async def enrol(engine: Engine) -> tuple[Authenticator, UUID]:
+    phone = Authenticator()
+    operation = await engine.supervisor.start(
+        OperationRequest(kind=OperationKind.REGISTRATION, username="alice", create_user=True),
+        actor="test",
+    )
+    await engine.supervisor.answer(operation.id, phone.answer(operation))
+    return phone, operation.user_id
+
+
+async def start(engine: Engine, user_id: UUID, url: str) -> UUID:
+    operation = await engine.supervisor.start(
+        OperationRequest(kind=OperationKind.AUTHENTICATION, user_id=user_id, callback_url=url),
+        actor="test",
+    )
+    return operation.id
+
+
+async def until(receiver: Receiver, count: int) -> list[Received]:
+    while len(receiver.received) < count:
+        await receiver.arrived.wait()
+    return receiver.received
+
+
+async def eventually(condition: Callable[[], bool], *, limit: float = 86_400) -> None:
+    """Let (mock) time pass in steps until ``condition`` holds.
+
+    With the autojump clock, time jumps whenever every task waits, including while worker
+    threads write to the database, so progress is checked, not assumed from elapsed time.
+    """
+    with trio.fail_after(limit):
+        while not condition():  # noqa: ASYNC110 - the state lives in the database
+            await trio.sleep(1)
+
+
+async def delivered(engine: Engine, count: int) -> None:
+    """Wait until the deliverer has recorded ``count`` deliveries (its database write follows
+    the receiver's answer)."""
+    with trio.fail_after(10):
+        while engine.callbacks.statistics().delivered < count:  # noqa: ASYNC110 - see eventually
+            await trio.sleep(0.01)
+
+
+def outbox_rows(engine: Engine) -> list[sa.Row[tuple[object, ...]]]:
+    with engine.store.engine.connect() as connection:
+        return list(connection.execute(outbox.select().order_by(outbox.c.id)))
+
+
+def unb64(value: str) -> bytes:
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
+async def test_callbacks_are_signed_with_the_published_key(
+    engine: Engine, receiver: Receiver, keyring: Keyring
+) -> None:
+    phone, user_id = await enrol(engine)
+    operation_id = await start(engine, user_id, receiver.url())
+    await engine.supervisor.answer(
+        operation_id, phone.answer(await engine.supervisor.get(operation_id))
+    )
+    (received,) = await until(receiver, 1)
+    body = msgspec.json.decode(received.body)
+    assert body["event"] == "transaction.succeeded"
+    assert (body["transactionId"], body["status"], body["userId"]) == (
+        str(operation_id),
+        "succeeded",
+        str(user_id),
+    )
+    assert received.headers["tapsign-event"] == "transaction.succeeded"
+    fields = dict(part.split("=", 1) for part in received.headers["tapsign-signature"].split(","))
+    key = jwt.PyJWKSet.from_dict(keyring.jwks())[fields["kid"]].key
+    raw = unb64(fields["es256"])
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    key.verify(der, fields["t"].encode() + b"." + received.body, ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(InvalidSignature):
+        key.verify(
+            der, fields["t"].encode() + b"." + received.body + b" ", ec.ECDSA(hashes.SHA256())
+        )
+    await delivered(engine, 1)
+    assert outbox_rows(engine)[-1].delivered_at is not None
+
+
+async def test_receiver_down_for_minutes_then_everything_arrives_in_order(
+    engine_factory: EngineFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    receiver = Receiver()  # not listening yet: connections are refused
+    settings = CallbackSettings(first_retry_seconds=1, max_retry_seconds=60)
+    async with engine_factory(settings) as engine:
+        phone, user_id = await enrol(engine)
+        thief = Authenticator(phone.private_key)
+        first = await start(engine, user_id, receiver.url())
+        operation = await engine.supervisor.get(first)
+        # Approvals do not wait for callbacks: this returns while deliveries are failing.
+        await engine.supervisor.answer(first, phone.answer(operation))
+        second = await start(engine, user_id, receiver.url())
+        await engine.supervisor.cancel(second)
+        for _ in range(5):  # the fifth failure also locks the device: two events, one operation
+            failing = await start(engine, user_id, receiver.url())
+            wrong = msgspec.structs.replace(await engine.supervisor.get(failing), message="x")
+            result = await engine.supervisor.answer(failing, thief.answer(wrong))
+            assert result.operation.failure_reason is FailureReason.BAD_SIGNATURE
+
+        # Minutes of refused connections: every operation's first callback retries with
+        # backoff (1, 2, 4, 8 s ...); the second callback of the last operation waits
+        # behind its first, untried.
+        await eventually(lambda: all(row.attempts >= 4 for row in outbox_rows(engine)[:7]))
+        rows = outbox_rows(engine)
+        assert len(rows) == 8
+        assert all(row.delivered_at is None for row in rows)
+        assert rows[-1].attempts == 0
+        assert all((row.next_attempt_at - row.created_at).total_seconds() >= 15 for row in rows[:7])
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(receiver.serve)
+            received = await until(receiver, 8)
+            nursery.cancel_scope.cancel()
+    events = [
+        (msgspec.json.decode(r.body)["transactionId"], r.headers["tapsign-event"]) for r in received
+    ]
+    assert (str(first), "transaction.succeeded") in events
+    assert (str(second), "transaction.cancelled") in events
+    last = str(failing)
+    mine = [event for transaction, event in events if transaction == last]
+    assert mine == ["authenticator.locked", "transaction.failed"]  # in the order they happened
+
+
+async def test_a_failing_endpoint_holds_up_no_one_else(
+    engine: Engine, receiver: Receiver, autojump_clock: trio.testing.MockClock
+) -> None:
+    receiver.status = lambda path: 500 if path == "/broken" else 204
+    _, user_id = await enrol(engine)
+    broken = await start(engine, user_id, receiver.url("/broken"))
+    await engine.supervisor.cancel(broken)
+    healthy = await start(engine, user_id, receiver.url("/fine"))
+    await engine.supervisor.cancel(healthy)
+    while not [r for r in receiver.received if r.path == "/fine"]:
+        await receiver.arrived.wait()
+    attempts_on_broken = [r for r in receiver.received if r.path == "/broken"]
+    assert attempts_on_broken  # tried, failed, and did not block /fine
+    await eventually(lambda: engine.callbacks.statistics().retried >= 5)
+    assert engine.callbacks.statistics().delivered == 1
+    row = next(row for row in outbox_rows(engine) if row.url.endswith("/broken"))
+    assert (row.delivered_at, row.last_error) == (None, "HTTP 500")
+
+
+async def test_deliveries_are_given_up_after_the_limit(
+    engine_factory: EngineFactory, receiver: Receiver, autojump_clock: trio.testing.MockClock
+) -> None:
+    receiver.status = lambda path: 503
+    settings = CallbackSettings(first_retry_seconds=1, max_retry_seconds=10, give_up_seconds=60)
+    async with engine_factory(settings) as engine:
+        _, user_id = await enrol(engine)
+        operation_id = await start(engine, user_id, receiver.url())
+        await engine.supervisor.cancel(operation_id)
+        await eventually(lambda: engine.callbacks.statistics().given_up == 1)
+        (row,) = outbox_rows(engine)
+        assert row.failed_at is not None
+        assert row.delivered_at is None
+        assert (row.failed_at - row.created_at).total_seconds() >= 60
+        tries = len(receiver.received)
+        await trio.sleep(600)
+        assert len(receiver.received) == tries  # given up means no more tries
+
+
+async def test_undelivered_callbacks_survive_a_restart(
+    engine_factory: EngineFactory, receiver: Receiver
+) -> None:
+    receiver.status = lambda path: 500
+    async with engine_factory(CallbackSettings(first_retry_seconds=3600)) as first:
+        _, user_id = await enrol(first)
+        operation_id = await start(first, user_id, receiver.url())
+        await first.supervisor.cancel(operation_id)
+        await until(receiver, 1)
+    receiver.status = lambda path: 200
+    async with engine_factory() as second:
+        second_try = await until(receiver, 2)
+        first_delivery, second_delivery = (r.headers["tapsign-delivery"] for r in second_try)
+        assert first_delivery == second_delivery
+        await delivered(second, 1)
+        assert outbox_rows(second)[0].delivered_at is not None
+        assert (await second.supervisor.get(operation_id)).phase is Phase.CANCELLED
