@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 VAR    := var
 
 .DEFAULT_GOAL := run
-.PHONY: run test setup system-packages venv hsm lint
+.PHONY: run test setup system-packages venv hsm db lint
 
 run: setup
 	@echo "==> tapsign hsm keys"
@@ -25,7 +25,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-setup: system-packages venv hsm
+setup: system-packages venv hsm db
 
 system-packages:
 	@softhsm-config/install-packages.sh $(PYTHON)
@@ -42,3 +42,7 @@ $(VENV)/.installed: pyproject.toml setup.py hsm/_p256.c
 
 hsm: system-packages venv
 	@softhsm-config/init-token.sh $(VAR) $(BIN)/tapsign
+
+db: venv
+	@echo "==> tapsign db upgrade (SQLite in $(VAR)/ unless TAPSIGN_DATABASE_URL says otherwise)"
+	@$(BIN)/tapsign db upgrade

@@ -1,7 +1,8 @@
 """The ``tapsign`` command.
 
 ``tapsign hsm init | keys | rotate PURPOSE | retire KID`` manage the HSM keys;
-``tapsign bench verify`` measures the batched verifier. PINs are read from the
+``tapsign db upgrade`` migrates the database; ``tapsign audit verify`` checks the audit
+trail; ``tapsign bench verify | memory`` measure the verifier and the engine. PINs are read from the
 environment or files, never from arguments, and never printed.
 """
 
@@ -18,7 +19,10 @@ from pathlib import Path
 import msgspec
 
 from api.settings import Settings, load_settings
+from engine.audit import verify_chain
+from engine.benchmark import bench_memory
 from engine.errors import TapsignError
+from engine.store import Store, read_audit
 from hsm.benchmark import bench_verify
 from hsm.keyring import KeyPurpose, Keyring, open_keyring
 from hsm.keystores import Pkcs11KeyStore
@@ -124,6 +128,42 @@ def bench_verify_command(settings: Settings, arguments: argparse.Namespace) -> N
     print(f"ratio:    {report.ratio:.3f}")
 
 
+def bench_memory_command(settings: Settings, arguments: argparse.Namespace) -> None:
+    with _keyring(settings) as keyring:
+        report = bench_memory(keyring, count=arguments.operations)
+    if arguments.json:
+        sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(report)) + b"\n")
+        return
+    print(
+        f"{report.operations:,} pending operations: resident set {report.resident_before_mib} MiB"
+        f" -> {report.resident_after_mib} MiB, {report.bytes_per_operation:,.0f} bytes each"
+    )
+
+
+def db_upgrade(settings: Settings, arguments: argparse.Namespace) -> None:
+    store = Store(settings.database)
+    try:
+        store.migrate()
+    finally:
+        store.close()
+    print(f"database {store.url.render_as_string(hide_password=True)} is at the newest schema")
+
+
+def audit_verify(settings: Settings, arguments: argparse.Namespace) -> None:
+    store = Store(settings.database)
+    try:
+        with store.transaction(write=False) as connection:
+            entries, head_seq, head_hash = read_audit(connection)
+    finally:
+        store.close()
+    problems = verify_chain(entries, head_seq=head_seq, head_hash=head_hash)
+    for problem in problems:
+        print(f"  {problem}")
+    if problems:
+        raise TapsignError(f"the audit trail is damaged: {len(problems)} problems")
+    print(f"the audit trail is intact: {len(entries):,} entries")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tapsign", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -163,6 +203,21 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--concurrency", type=int, default=512, help="concurrent callers")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(handler=bench_verify_command)
+    memory = bench.add_parser("memory", help="resident memory per pending operation")
+    memory.add_argument("--operations", type=int, default=100_000)
+    memory.add_argument("--json", action="store_true", help="print the report as JSON")
+    memory.set_defaults(handler=bench_memory_command)
+
+    database = commands.add_parser("db", help="the database").add_subparsers(
+        dest="db_command", required=True
+    )
+    database.add_parser("upgrade", help="create or upgrade the schema (idempotent)").set_defaults(
+        handler=db_upgrade
+    )
+    audit = commands.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="audit_command", required=True
+    )
+    audit.add_parser("verify", help="check the hash chain").set_defaults(handler=audit_verify)
     return parser
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from engine.errors import ConfigurationError
+from engine.settings import CallbackSettings, DatabaseSettings, EngineSettings, OperationSettings
 from hsm.settings import HsmSettings, VerifierSettings
 
 ENVIRONMENT_PREFIX = "TAPSIGN_"
@@ -28,6 +29,14 @@ DEFAULT_CONFIG_FILE = "tapsign.toml"
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     hsm: HsmSettings = msgspec.field(default_factory=HsmSettings)
     verifier: VerifierSettings = msgspec.field(default_factory=VerifierSettings)
+    database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
+    operations: OperationSettings = msgspec.field(default_factory=OperationSettings)
+    callbacks: CallbackSettings = msgspec.field(default_factory=CallbackSettings)
+
+    def engine(self) -> EngineSettings:
+        return EngineSettings(
+            database=self.database, operations=self.operations, callbacks=self.callbacks
+        )
 
 
 def _sections() -> dict[str, frozenset[str]]:

@@ -17,7 +17,7 @@ Consistency rules kept here:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -349,8 +349,8 @@ def _operation_values(operation: Operation) -> dict[str, Any]:
     }
 
 
-def insert_operation(connection: Connection, operation: Operation) -> None:
-    connection.execute(operations.insert().values(_operation_values(operation)))
+def insert_operations(connection: Connection, batch: Sequence[Operation]) -> None:
+    connection.execute(operations.insert(), [_operation_values(operation) for operation in batch])
 
 
 def get_operation(connection: Connection, operation_id: UUID) -> Operation | None:

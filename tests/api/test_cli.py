@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -159,3 +160,30 @@ def test_bench_verify_reports_throughput_ceiling_and_ratio(workdir: Path, backen
 
     text = run(workdir, str(TAPSIGN), "bench", "verify", "--backend", backend, "--seconds", "1")
     assert re.search(r"^ratio:    \d\.\d{3}$", text.stdout, re.MULTILINE)
+
+
+def test_database_upgrade_and_audit_verification(workdir: Path) -> None:
+    first = run(workdir, str(TAPSIGN), "db", "upgrade")
+    assert first.stdout == "database sqlite:///var/tapsign.db is at the newest schema\n"
+    run(workdir, str(TAPSIGN), "db", "upgrade")  # idempotent
+    database = workdir / "var" / "tapsign.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute(
+            "insert into audit_log values (1, '2026-01-01 00:00:00', 'admin', 'user.created',"
+            " null, null, null, 'ok', null, zeroblob(32), zeroblob(32))"
+        )
+        connection.execute("update audit_head set seq = 1, hash = zeroblob(32)")
+    damaged = run(workdir, str(TAPSIGN), "audit", "verify", check=False)
+    assert damaged.returncode == 1
+    assert damaged.stdout == "  entry 1 was altered\n"
+    assert damaged.stderr == "tapsign: the audit trail is damaged: 1 problems\n"
+
+
+def test_bench_memory_reports_bytes_per_pending_operation(workdir: Path) -> None:
+    set_up(workdir)
+    report = json.loads(
+        run(workdir, str(TAPSIGN), "bench", "memory", "--operations", "2000", "--json").stdout
+    )
+    assert report["operations"] == 2000
+    assert report["resident_after_mib"] > report["resident_before_mib"]
+    assert report["bytes_per_operation"] > 0
