@@ -28,6 +28,7 @@ from engine.errors import (
 )
 from engine.model import (
     Decision,
+    DeviceAnswer,
     DeviceStatus,
     FailureReason,
     Operation,
@@ -381,17 +382,55 @@ def test_invalid_amounts_and_currencies(amount: str, currency: str) -> None:
         Payment(amount=amount, currency=currency, payee=PAYMENT.payee)
 
 
-async def test_locked_and_deactivated_users(engine: Engine) -> None:
-    phone, user_id, _ = await enrol(engine)
+async def test_locked_and_deactivated_users_and_devices(engine: Engine) -> None:
+    _, user_id, device_id = await enrol(engine)
+    second_phone = Authenticator()
+    registration = await engine.supervisor.start(
+        OperationRequest(kind=OperationKind.REGISTRATION, user_id=user_id), actor="test"
+    )
+    await engine.supervisor.answer(registration.id, second_phone.answer(registration))
+    await engine.identity.deactivate_device(device_id, actor="admin")
+    written = (len(rows(engine, operations)), len(rows(engine, audit_log)))
+    with pytest.raises(DeviceNotActive, match=r"^the authenticator is deactivated$"):
+        await start(engine, user_id, device_id=device_id)
+    # Without a device named, the newest active one is asked.
+    assert (await start(engine, user_id)).device_id == registration.device_id
+    written = (written[0] + 1, written[1] + 1)
+
     await engine.identity.lock_user(user_id, actor="admin")
     with pytest.raises(UserNotActive, match=r"^the user is locked$"):
         await start(engine, user_id)
+    assert (len(rows(engine, operations)), len(rows(engine, audit_log))) == (
+        written[0],
+        written[1] + 1,  # the lock itself
+    )
     await engine.identity.unlock_user(user_id, actor="admin")
     pending = await start(engine, user_id)
     await engine.deactivate_user(user_id, actor="admin")
     assert (await engine.supervisor.get(pending.id)).phase is Phase.CANCELLED
     with pytest.raises(OperationNotPending):
-        await engine.supervisor.answer(pending.id, phone.answer(pending))
+        await engine.supervisor.answer(pending.id, second_phone.answer(pending))
+    with pytest.raises(UserNotActive, match=r"^the user is deactivated$"):
+        await start(engine, user_id)
+
+
+async def test_two_answers_at_once_in_one_process(engine: Engine) -> None:
+    phone, user_id, _ = await enrol(engine)
+    operation = await start(engine, user_id)
+    approve = phone.answer(operation)
+    decline = phone.answer(operation, decision=Decision.DECLINE)
+    outcomes: list[str] = []
+
+    async def send(answer: DeviceAnswer) -> None:
+        try:
+            outcomes.append((await engine.supervisor.answer(operation.id, answer)).operation.phase)
+        except OperationNotPending:
+            outcomes.append("conflict")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, approve)
+        nursery.start_soon(send, decline)
+    assert sorted(outcomes) in (["conflict", "failed"], ["conflict", "succeeded"])
 
 
 async def test_pending_operations_resume_after_a_restart(engine_factory: EngineFactory) -> None:
