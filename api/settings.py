@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -26,7 +26,28 @@ ENVIRONMENT_PREFIX = "TAPSIGN_"
 DEFAULT_CONFIG_FILE = "tapsign.toml"
 
 
+class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The HTTP server (Hypercorn, trio worker)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    #: Hypercorn worker processes; each runs its own engine on the shared database.
+    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    #: The URL phones and front ends reach tapsign at (app links, ``iss`` of tokens);
+    #: default ``http://<host>:<port>``.
+    public_url: str | None = None
+    #: Request bodies above this many bytes get 413.
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 2**20)] = 65_536
+    #: Seconds a keep-alive connection may idle, and a request may take to arrive.
+    keep_alive_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+    read_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     hsm: HsmSettings = msgspec.field(default_factory=HsmSettings)
     verifier: VerifierSettings = msgspec.field(default_factory=VerifierSettings)
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)

@@ -139,6 +139,8 @@ def check_request(request: OperationRequest, settings: OperationSettings) -> int
     ):
         if context is not None and len(context) > MAX_CONTEXT:
             raise InvalidInput(f"a context has at most {MAX_CONTEXT} characters", field=name)
+    if request.push_notification is not None and request.callback_url is None:
+        raise InvalidInput("the push channel needs a callback URL to deliver to", field="channel")
     if request.callback_url is not None and (
         not request.callback_url.startswith(("https://", "http://"))
         or len(request.callback_url) > 2000
@@ -762,7 +764,32 @@ class Supervisor:
             )
             return operation
 
-        operation = await self.context.store.write(create)
+        pushed: list[OutboxItem] = []
+
+        def create_and_dispatch(connection: Connection) -> Operation:
+            operation = create(connection)
+            if request.push_notification is not None:
+                # The webhook dispatcher: the relying party delivers the push; the phone
+                # then fetches the operation itself (the notification carries no content).
+                pushed.append(
+                    _insert_callback(
+                        connection,
+                        operation,
+                        now,
+                        event="push.created",
+                        body={
+                            "userId": str(operation.user_id),
+                            "authenticatorId": str(operation.device_id),
+                            "kind": operation.kind.value,
+                            "notificationMessage": request.push_notification,
+                        },
+                    )
+                )
+            return operation
+
+        operation = await self.context.store.write(create_and_dispatch)
+        if pushed:
+            self.context.callbacks.enqueue(pushed)
         self._spawn(operation)
         self._started += 1
         return operation

@@ -123,3 +123,42 @@ class IllegalTransition(Conflict):
 
     problem = "illegal-transition"
     title = "Illegal transition"
+
+
+class BadRequest(TapsignError):
+    """The request cannot be read: malformed JSON, wrong types, unknown fields."""
+
+    status = 400
+    problem = "bad-request"
+    title = "Bad request"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Unauthorized(TapsignError):
+    """Missing or invalid credentials. The message is generic on purpose (PSD2 RTS art.
+    4(3)(a)); ``reason`` says what was wrong, for the audit trail only."""
+
+    status = 401
+    problem = "unauthorized"
+    title = "Unauthorized"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("authentication failed")
+        self.reason = reason
+
+
+class Forbidden(TapsignError):
+    """Valid credentials that do not allow this request (scope, user binding)."""
+
+    status = 403
+    problem = "forbidden"
+    title = "Forbidden"
+
+
+class UnsupportedMediaType(TapsignError):
+    status = 415
+    problem = "unsupported-media-type"
+    title = "Unsupported media type"

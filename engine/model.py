@@ -227,6 +227,9 @@ class OperationRequest(msgspec.Struct, frozen=True, kw_only=True):
     expires_in: int | None = None
     callback_url: str | None = None
     client_id: str | None = None
+    #: Ask the relying party to push a notification to the phone (a ``push.created``
+    #: callback: tapsign's webhook dispatcher), with this text for the notification.
+    push_notification: str | None = None
 
 
 class DeviceAnswer(msgspec.Struct, frozen=True, kw_only=True):

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 from engine.errors import InvalidInput
-from engine.model import Decision, Operation, OperationKind, UserVerification
+from engine.model import Decision, OperationKind, UserVerification
 
 FORMAT = "tapsign-sca/1"
 
@@ -33,8 +33,46 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+class _Payee(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def account(self) -> str: ...
+
+
+class _Payment(Protocol):
+    @property
+    def amount(self) -> str: ...
+    @property
+    def currency(self) -> str: ...
+    @property
+    def payee(self) -> _Payee: ...
+
+
+class Signable(Protocol):
+    """What the payload is built from: the server's stored ``engine.model.Operation`` and
+    the phone's ``api.wire.DeviceOperation`` both have these, under these names."""
+
+    @property
+    def id(self) -> UUID: ...
+    @property
+    def kind(self) -> OperationKind: ...
+    @property
+    def challenge(self) -> bytes: ...
+    @property
+    def user_id(self) -> UUID: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def pre_context(self) -> str | None: ...
+    @property
+    def payment(self) -> _Payment | None: ...
+    @property
+    def text(self) -> str | None: ...
+
+
 def signed_payload(
-    operation: Operation,
+    operation: Signable,
     *,
     device_id: UUID,
     decision: Decision,

@@ -138,3 +138,25 @@ audit_head = sa.Table(
     sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("hash", sa.LargeBinary(32), nullable=False),
 )
+
+#: Relying-party access keys: only a SHA-256 of the secret part is stored.
+access_keys = sa.Table(
+    "access_keys",
+    metadata,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("secret_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("scopes", sa.String(200), nullable=False),
+    sa.Column("callback_url", sa.String(2000)),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("revoked_at", Time),
+)
+
+#: One-time tokens (intent, result) once used: their ``jti`` may not be used again.
+consumed_tokens = sa.Table(
+    "consumed_tokens",
+    metadata,
+    sa.Column("jti", sa.String(64), primary_key=True),
+    sa.Column("consumed_at", Time, nullable=False),
+    sa.Column("expires_at", Time, nullable=False, index=True),
+)

@@ -29,6 +29,8 @@ import sqlalchemy as sa
 import trio
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
 from engine import audit
@@ -48,7 +50,16 @@ from engine.model import (
     UserStatus,
     UserVerification,
 )
-from engine.schema import audit_head, audit_log, devices, operations, outbox, users
+from engine.schema import (
+    access_keys,
+    audit_head,
+    audit_log,
+    consumed_tokens,
+    devices,
+    operations,
+    outbox,
+    users,
+)
 from engine.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
@@ -562,3 +573,73 @@ def read_audit(connection: Connection) -> tuple[list[AuditEntry], int, bytes]:
         for row in connection.execute(audit_log.select().order_by(audit_log.c.seq))
     ]
     return entries, head.seq, bytes(head.hash)
+
+
+# -- access keys and one-time tokens ----------------------------------------------------
+
+
+class AccessKeyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    secret_hash: bytes
+    scopes: frozenset[str]
+    callback_url: str | None
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+def insert_access_key(connection: Connection, record: AccessKeyRecord) -> None:
+    connection.execute(
+        access_keys.insert().values(
+            id=record.id,
+            name=record.name,
+            secret_hash=record.secret_hash,
+            scopes=" ".join(sorted(record.scopes)),
+            callback_url=record.callback_url,
+            created_at=record.created_at,
+            revoked_at=record.revoked_at,
+        )
+    )
+
+
+def _access_key(row: sa.Row[Any]) -> AccessKeyRecord:
+    return AccessKeyRecord(
+        id=row.id,
+        name=row.name,
+        secret_hash=bytes(row.secret_hash),
+        scopes=frozenset(row.scopes.split()),
+        callback_url=row.callback_url,
+        created_at=_required_utc(row.created_at),
+        revoked_at=_utc(row.revoked_at),
+    )
+
+
+def get_access_key(connection: Connection, key_id: str) -> AccessKeyRecord | None:
+    row = connection.execute(access_keys.select().where(access_keys.c.id == key_id)).first()
+    return None if row is None else _access_key(row)
+
+
+def list_access_keys(connection: Connection) -> list[AccessKeyRecord]:
+    rows = connection.execute(access_keys.select().order_by(access_keys.c.created_at))
+    return [_access_key(row) for row in rows]
+
+
+def revoke_access_key(connection: Connection, key_id: str, now: datetime) -> bool:
+    result = connection.execute(
+        access_keys.update()
+        .where(access_keys.c.id == key_id, access_keys.c.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    return result.rowcount == 1
+
+
+def consume_token(connection: Connection, jti: str, *, now: datetime, expires_at: datetime) -> bool:
+    """Record a one-time token as used; False if it was used before (a replay)."""
+    connection.execute(consumed_tokens.delete().where(consumed_tokens.c.expires_at < now))
+    insert = sqlite_insert if connection.dialect.name == "sqlite" else postgresql_insert
+    result = connection.execute(
+        insert(consumed_tokens)
+        .values(jti=jti, consumed_at=now, expires_at=expires_at)
+        .on_conflict_do_nothing(index_elements=["jti"])
+    )
+    return result.rowcount == 1

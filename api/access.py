@@ -1,0 +1,106 @@
+"""Relying-party access keys: random, shown once, stored only as a hash, scoped.
+
+An access key reads ``tsk_<key id>_<secret>``. The key id finds the record; the SHA-256 of
+the secret is compared in constant time with the stored one. A 256-bit random secret needs
+no slow hash: guessing it is out of reach, and only its hash is on disk.
+
+Scopes separate duties: ``users`` (user and authenticator management), ``operations``
+(start, status, cancel, intent tokens), ``introspect`` (RFC 7662 token introspection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable
+
+from sqlalchemy.engine import Connection
+
+from engine import store as db
+from engine.errors import InvalidInput, NotFound, Unauthorized
+from engine.model import Clock
+from engine.store import AccessKeyRecord, Store
+
+SCOPES = frozenset({"users", "operations", "introspect"})
+PREFIX = "tsk"
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class AccessKeys:
+    def __init__(self, store: Store, *, clock: Clock) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def create(
+        self, *, name: str, scopes: Iterable[str] = SCOPES, callback_url: str | None = None
+    ) -> tuple[AccessKeyRecord, str]:
+        """A new key and its one-time display form ``tsk_<id>_<secret>``."""
+        wanted = frozenset(scopes)
+        if not wanted or not wanted <= SCOPES:
+            raise InvalidInput(f"scopes are some of {', '.join(sorted(SCOPES))}", field="scopes")
+        if not 1 <= len(name) <= 100:
+            raise InvalidInput("a key name has 1 to 100 characters", field="name")
+        if callback_url is not None and not callback_url.startswith(("https://", "http://")):
+            raise InvalidInput("the callback URL is an http(s) URL", field="callbackUrl")
+        key_id, secret = secrets.token_hex(5), secrets.token_urlsafe(32)
+        record = AccessKeyRecord(
+            id=key_id,
+            name=name,
+            secret_hash=_digest(secret),
+            scopes=wanted,
+            callback_url=callback_url,
+            created_at=self._clock(),
+        )
+
+        def insert(connection: Connection) -> None:
+            db.insert_access_key(connection, record)
+            db.append_audit(
+                connection,
+                at=record.created_at,
+                actor="admin",
+                action="access-key.created",
+                outcome="ok",
+                reason=f"{key_id} {' '.join(sorted(wanted))}",
+            )
+
+        await self._store.write(insert)
+        return record, f"{PREFIX}_{key_id}_{secret}"
+
+    async def verify(self, presented: str) -> AccessKeyRecord:
+        """The key's record; :class:`Unauthorized` (with the specific reason) otherwise."""
+        prefix, _, rest = presented.partition("_")
+        key_id, _, secret = rest.partition("_")
+        if prefix != PREFIX or not key_id or not secret:
+            raise Unauthorized("not an access key")
+        record = await self._store.read(lambda connection: db.get_access_key(connection, key_id))
+        # Compare even when the key is unknown, so that timing does not tell which it was.
+        expected = record.secret_hash if record is not None else bytes(32)
+        if not hmac.compare_digest(_digest(secret), expected) or record is None:
+            raise Unauthorized(f"unknown access key or wrong secret ({key_id})")
+        if record.revoked_at is not None:
+            raise Unauthorized(f"revoked access key ({key_id})")
+        return record
+
+    async def list(self) -> list[AccessKeyRecord]:
+        return await self._store.read(db.list_access_keys)
+
+    async def revoke(self, key_id: str) -> None:
+        now = self._clock()
+
+        def revoke(connection: Connection) -> None:
+            if not db.revoke_access_key(connection, key_id, now):
+                raise NotFound("no active access key with that id")
+            db.append_audit(
+                connection,
+                at=now,
+                actor="admin",
+                action="access-key.revoked",
+                outcome="ok",
+                reason=key_id,
+            )
+
+        await self._store.write(revoke)

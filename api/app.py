@@ -1,0 +1,192 @@
+"""The Quart-Trio application: routes, error rendering, health, metrics, OpenAPI, JWKS.
+
+Every error leaves as RFC 9457 ``application/problem+json``: tapsign's own errors with
+their status and problem type, Quart's (404, 405, 413, …) translated, and anything
+unexpected as a generic 500 whose details go to the log, never to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from api import device, relying_party
+from api.metrics import metrics_text
+from api.openapi import api_page, openapi_document
+from api.routing import Auth, Call, Services, problem_response, route
+from engine.errors import (
+    BadRequest,
+    NotFound,
+    ServiceUnavailable,
+    TapsignError,
+)
+from hsm.keyring import KeyPurpose
+
+log = logging.getLogger(__name__)
+
+
+class _HttpError(TapsignError):
+    """Quart's own errors (no route, wrong method, body too large), as problems."""
+
+    def __init__(self, error: HTTPException) -> None:
+        super().__init__(error.description or error.name)
+        self.status = error.code or 500  # type: ignore[misc]
+        self.title = error.name  # type: ignore[misc]
+        self.slug = error.name.lower().replace(" ", "-")
+
+    def problem_type(self) -> str:  # type: ignore[override]
+        return f"https://tapsign.dev/problems/{self.slug}"
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: str
+    database: str
+    hsm: str
+
+
+def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio:
+    app = QuartTrio("tapsign")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    engine = services.engine
+
+    @app.before_serving
+    async def start_engine() -> None:
+        await app.nursery.start(engine.run)
+
+    @app.errorhandler(TapsignError)
+    async def tapsign_error(error: TapsignError) -> Response:
+        return problem_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        return problem_response(_HttpError(error))
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        log.exception("unexpected error", exc_info=error)
+        return problem_response(TapsignError("an unexpected error occurred"))
+
+    relying_party.register(app, services)
+    device.register(app, services)
+
+    @route(
+        app,
+        services,
+        "GET",
+        "/.well-known/jwks.json",
+        summary="Public keys of tapsign's signatures (JWK Set)",
+        tag="keys",
+        auth=Auth.NONE,
+        response=dict[str, list[dict[str, Any]]],
+    )
+    async def jwks(call: Call) -> Response:
+        """Verify consent JWTs, status and result tokens and callback signatures with these
+        keys, chosen by ``kid``. Rotated keys stay here until retired."""
+        response = Response(
+            msgspec.json.encode(engine.keyring.jwks()),
+            content_type="application/jwk-set+json",
+        )
+        response.headers["Cache-Control"] = "public, max-age=300"
+        return response
+
+    @route(
+        app,
+        services,
+        "GET",
+        "/healthz",
+        summary="Liveness",
+        tag="operations-monitoring",
+        auth=Auth.NONE,
+        response=dict[str, str],
+    )
+    async def healthz(call: Call) -> dict[str, str]:
+        """The process serves requests."""
+        return {"status": "ok"}
+
+    @route(
+        app,
+        services,
+        "GET",
+        "/readyz",
+        summary="Readiness: database and HSM reachable",
+        tag="operations-monitoring",
+        auth=Auth.NONE,
+        response=Health,
+    )
+    async def readyz(call: Call) -> Health:
+        """200 when the database answers and the HSM signs; 503 naming which does not."""
+        problems = []
+        try:
+            await engine.store.read(lambda connection: connection.execute(sa.text("select 1")))
+            database = "ok"
+        except TapsignError as exc:
+            database = str(exc)
+            problems.append(f"database: {exc}")
+        try:
+            kid = engine.keyring.active(KeyPurpose.TOKEN).kid
+            await trio.to_thread.run_sync(engine.keyring.sign, kid, b"readiness")
+            hsm = "ok"
+        except TapsignError as exc:
+            hsm = str(exc)
+            problems.append(f"hsm: {exc}")
+        if problems:
+            raise ServiceUnavailable("; ".join(problems), retry_after=5.0)
+        return Health(status="ready", database=database, hsm=hsm)
+
+    @route(
+        app,
+        services,
+        "GET",
+        "/metrics",
+        summary="Prometheus metrics",
+        tag="operations-monitoring",
+        auth=Auth.NONE,
+        response=str,
+    )
+    async def metrics(call: Call) -> Response:
+        """Verifier, operations, callbacks and database pool, in the text exposition format."""
+        return Response(
+            metrics_text(engine), content_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @route(
+        app,
+        services,
+        "GET",
+        "/openapi.json",
+        summary="This API, as OpenAPI 3.1",
+        tag="operations-monitoring",
+        auth=Auth.NONE,
+        response=dict[str, Any],
+    )
+    async def openapi(call: Call) -> Response:
+        """Generated from the routes and their wire types."""
+        return Response(
+            msgspec.json.encode(openapi_document(services.base_url)),
+            content_type="application/json",
+        )
+
+    @route(
+        app,
+        services,
+        "GET",
+        "/docs",
+        summary="This API, for humans",
+        tag="operations-monitoring",
+        auth=Auth.NONE,
+        response=str,
+    )
+    async def docs(call: Call) -> Response:
+        """Every route with its description, parameters and body fields."""
+        return Response(api_page(services.base_url), content_type="text/html; charset=utf-8")
+
+    _ = (jwks, healthz, readyz, metrics, openapi, docs, NotFound, BadRequest)
+    return app

@@ -1,0 +1,132 @@
+"""The device API (``/device/v1``): what a phone calls (docs/reference/device-protocol.md).
+
+An enrolled phone authenticates every request by signing it with its device key
+(api/device_auth.py); a phone holding a dispatch token (QR code, app link) may redeem it
+and answer that one transaction with it, which is how a registration is answered.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from quart import Quart
+
+from api import wire
+from api.routing import Auth, Call, Services, route
+from api.tokens import TokenKind
+from engine.errors import OperationNotFound
+from engine.model import DeviceAnswer, Operation
+from engine.payload import FORMAT
+
+
+def device_view(operation: Operation) -> wire.DeviceOperation:
+    payment = operation.payment
+    return wire.DeviceOperation(
+        id=operation.id,
+        kind=operation.kind,
+        user_id=operation.user_id,
+        device_id=operation.device_id,
+        challenge=operation.challenge,
+        message=operation.message,
+        pre_context=operation.pre_context,
+        payment=None
+        if payment is None
+        else wire.PaymentView(
+            amount=payment.amount,
+            currency=payment.currency,
+            payee=wire.Payee(name=payment.payee.name, account=payment.payee.account),
+        ),
+        text=operation.text,
+        require_user_verification=operation.require_user_verification,
+        expires_at=operation.expires_at,
+        payload_format=FORMAT,
+    )
+
+
+def register(app: Quart, services: Services) -> None:
+    supervisor = services.engine.supervisor
+
+    @route(
+        app,
+        services,
+        "POST",
+        "/device/v1/redeem",
+        summary="Redeem a dispatch token (QR code, app link)",
+        tag="device",
+        auth=Auth.NONE,
+        body=wire.Redeem,
+        response=wire.DeviceOperation,
+    )
+    async def redeem(call: Call, body: wire.Redeem) -> wire.DeviceOperation:
+        """The transaction to show. The token comes from the QR code or app link
+        (``…/open?dispatchToken=…``); it is valid while the transaction is pending."""
+        claims = services.tokens.verify(body.dispatch_token, TokenKind.DISPATCH)
+        operation = await supervisor.dispatch(UUID(claims["sub"]), UUID(claims["dev"]))
+        return device_view(operation)
+
+    @route(
+        app,
+        services,
+        "GET",
+        "/device/v1/operations",
+        summary="This device's pending transactions (the fetch channel)",
+        tag="device",
+        auth=Auth.DEVICE,
+        response=wire.PendingOperations,
+    )
+    async def pending(call: Call) -> wire.PendingOperations:
+        """What waits for the signing device: used when the app opens, after a push, or
+        when no push arrives at all."""
+        assert call.device is not None  # noqa: S101 - Auth.DEVICE guarantees it
+        shown = []
+        for operation in await supervisor.pending_for_device(call.device.id):
+            try:
+                shown.append(device_view(await supervisor.dispatch(operation.id, call.device.id)))
+            except OperationNotFound:
+                continue
+        return wire.PendingOperations(operations=shown)
+
+    @route(
+        app,
+        services,
+        "POST",
+        "/device/v1/operations/{transactionId}/answer",
+        summary="Approve or decline a transaction",
+        tag="device",
+        auth=Auth.DEVICE_OR_DISPATCH,
+        body=wire.Answer,
+        response=wire.AnswerResult,
+    )
+    async def answer(call: Call, body: wire.Answer, transaction_id: UUID) -> wire.AnswerResult:
+        """The phone's decision, signed over the payload of docs/reference/signed-payload.md.
+        Authenticated by a signed device request, or by the transaction's dispatch token (a
+        registration, whose device has no enrolled key yet). A success of an
+        authentication or authorisation carries ``postOperationContext``."""
+        if call.device is not None:
+            device_id = call.device.id
+        else:
+            grant = call.grant or {}
+            if grant.get("sub") != str(transaction_id):
+                raise OperationNotFound("no such transaction for this authenticator")
+            device_id = UUID(str(grant["dev"]))
+        result = await supervisor.answer(
+            transaction_id,
+            DeviceAnswer(
+                device_id=device_id,
+                decision=body.decision,
+                user_verification=body.user_verification,
+                counter=body.counter,
+                signature=body.signature,
+                public_key=body.public_key,
+                device_name=body.name,
+                platform=body.platform,
+            ),
+        )
+        operation = result.operation
+        return wire.AnswerResult(
+            transaction_id=operation.id,
+            status="failed" if operation.status in ("cancelled", "expired") else operation.status,  # type: ignore[arg-type]
+            reason=operation.failure_reason.value if operation.failure_reason else None,
+            authenticator_id=operation.device_id,
+            post_operation_context=result.post_context,
+        )

@@ -1,0 +1,156 @@
+"""``/metrics``: the statistics of the verifier, the actors, the callbacks and the database
+pool, in the Prometheus text exposition format (version 0.0.4)."""
+
+from __future__ import annotations
+
+from engine.service import Engine
+
+
+def metrics_text(engine: Engine) -> str:
+    verifier = engine.verifier.statistics()
+    supervisor = engine.supervisor.statistics()
+    callbacks = engine.callbacks.statistics()
+    pool = engine.store.engine.pool
+    backend = f'backend="{verifier.backend}"'
+    rows: list[tuple[str, str, str, float, str]] = [
+        (
+            "tapsign_verifier_queue_depth",
+            "gauge",
+            "Signatures waiting for a worker",
+            verifier.queue_depth,
+            backend,
+        ),
+        (
+            "tapsign_verifier_queue_capacity",
+            "gauge",
+            "Queue bound; beyond it requests get 503",
+            verifier.queue_capacity,
+            backend,
+        ),
+        (
+            "tapsign_verifier_in_flight",
+            "gauge",
+            "Signatures being verified",
+            verifier.in_flight,
+            backend,
+        ),
+        (
+            "tapsign_verifier_batches_total",
+            "counter",
+            "Batches verified",
+            verifier.batches,
+            backend,
+        ),
+        ("tapsign_verifier_mean_batch", "gauge", "Mean batch size", verifier.mean_batch, backend),
+        (
+            "tapsign_verifier_largest_batch",
+            "gauge",
+            "Largest batch",
+            verifier.largest_batch,
+            backend,
+        ),
+        (
+            "tapsign_verifier_valid_total",
+            "counter",
+            "Signatures found valid",
+            verifier.verified,
+            backend,
+        ),
+        (
+            "tapsign_verifier_invalid_total",
+            "counter",
+            "Signatures found invalid",
+            verifier.failed,
+            backend,
+        ),
+        (
+            "tapsign_verifier_errors_total",
+            "counter",
+            "Requests that could not be verified",
+            verifier.errors,
+            backend,
+        ),
+        (
+            "tapsign_verifier_overloaded_total",
+            "counter",
+            "Requests refused, queue full",
+            verifier.overloaded,
+            backend,
+        ),
+        (
+            "tapsign_verifier_cancelled_total",
+            "counter",
+            "Requests whose caller left",
+            verifier.cancelled,
+            backend,
+        ),
+        (
+            "tapsign_operations_live",
+            "gauge",
+            "Pending operations with an actor here",
+            supervisor.live_operations,
+            "",
+        ),
+        (
+            "tapsign_operations_started_total",
+            "counter",
+            "Operations started here",
+            supervisor.started,
+            "",
+        ),
+        (
+            "tapsign_operations_resumed_total",
+            "counter",
+            "Operations resumed at start-up",
+            supervisor.resumed,
+            "",
+        ),
+        (
+            "tapsign_callbacks_queued",
+            "gauge",
+            "Callbacks waiting for delivery",
+            callbacks.queued,
+            "",
+        ),
+        (
+            "tapsign_callbacks_in_flight",
+            "gauge",
+            "Callback requests in flight",
+            callbacks.in_flight,
+            "",
+        ),
+        (
+            "tapsign_callbacks_delivered_total",
+            "counter",
+            "Callbacks delivered",
+            callbacks.delivered,
+            "",
+        ),
+        (
+            "tapsign_callbacks_retried_total",
+            "counter",
+            "Callback attempts that failed and will retry",
+            callbacks.retried,
+            "",
+        ),
+        (
+            "tapsign_callbacks_given_up_total",
+            "counter",
+            "Callbacks given up",
+            callbacks.given_up,
+            "",
+        ),
+        (
+            "tapsign_database_connections_in_use",
+            "gauge",
+            "Pooled connections checked out",
+            float(pool.checkedout()),  # type: ignore[attr-defined] # QueuePool has it
+            "",
+        ),
+    ]
+    lines = []
+    for name, kind, description, value, labels in rows:
+        lines.append(f"# HELP {name} {description}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,90 @@
+"""Putting tapsign together and serving it with Hypercorn (trio worker)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Mapping
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+from quart_trio import QuartTrio
+
+from api.access import AccessKeys
+from api.app import create_app
+from api.device_auth import DeviceRequests
+from api.routing import Services
+from api.settings import Settings
+from api.tokens import Tokens
+from engine.errors import ConfigurationError
+from engine.model import utc_now
+from engine.service import Engine
+from hsm.errors import KeyNotFound
+from hsm.keyring import KeyPurpose, open_keyring
+from hsm.settings import read_pin
+from hsm.verifier import BatchVerifier
+from hsm.verify_backends import make_verify_backend
+
+log = logging.getLogger(__name__)
+
+
+def build_app(settings: Settings, environ: Mapping[str, str] = os.environ) -> QuartTrio:
+    """The application with its engine, keyring and verifier, from ``settings``."""
+    keyring = open_keyring(settings.hsm, pin=read_pin(settings.hsm, environ))
+    try:
+        for purpose in KeyPurpose:
+            keyring.active(purpose)
+    except KeyNotFound as exc:
+        raise ConfigurationError(f"{exc} (the keys are made once, by 'tapsign hsm init')") from exc
+    verifier = BatchVerifier(
+        make_verify_backend(settings.verifier, keyring),
+        workers=settings.verifier.worker_count(),
+        max_queue=settings.verifier.max_queue,
+        max_batch=settings.verifier.max_batch,
+    )
+    base_url = settings.server.base_url()
+    engine = Engine(settings.engine(), keyring=keyring, verifier=verifier, issuer=base_url)
+    services = Services(
+        engine=engine,
+        tokens=Tokens(keyring, engine.store, issuer=base_url, clock=utc_now),
+        access_keys=AccessKeys(engine.store, clock=utc_now),
+        devices=DeviceRequests(engine, clock=utc_now),
+        base_url=base_url,
+        clock=utc_now,
+    )
+    return create_app(services, max_body_bytes=settings.server.max_body_bytes)
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.bind = [f"{settings.server.host}:{settings.server.port}"]
+    config.worker_class = "trio"
+    config.workers = settings.server.workers
+    config.keep_alive_timeout = settings.server.keep_alive_seconds
+    config.read_timeout = int(settings.server.read_timeout_seconds)
+    # Slow clients get a bounded share: headers and bodies must arrive in time, and a
+    # connection may not hold more than this many requests in flight.
+    config.h11_max_incomplete_size = 16 * 1024
+    config.backlog = 1024
+    config.accesslog = None
+    config.errorlog = "-"
+    return config
+
+
+async def serve(
+    settings: Settings, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve in this process until SIGINT or SIGTERM."""
+    app = build_app(settings)
+    config = hypercorn_config(settings)
+
+    async def shutdown_on_signal() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for received in signals:
+                log.info("received %s: shutting down", signal.Signals(received).name)
+                return
+
+    log.info("tapsign serving on %s", settings.server.base_url())
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown_on_signal, task_status=task_status)  # type: ignore[arg-type]

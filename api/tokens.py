@@ -1,0 +1,112 @@
+"""The tokens tapsign issues: JWTs signed by the token-signing key in the HSM.
+
+* ``status`` -- held by the relying party's front end; reads one transaction's status;
+  lives as long as the transaction plus an hour; reusable.
+* ``dispatch`` -- in the QR code or app link; lets a phone fetch one transaction and
+  answer a registration; lives as long as the transaction; reusable until it ends.
+* ``result`` -- in the status answer after a success; proves the success to the relying
+  party's backend through introspection; 5 minutes; once.
+* ``intent`` -- held by a front end; starts one enrolment or approval for one user, in
+  place of the access key; 5 minutes; once.
+
+Each kind has its own audience (``tapsign:<kind>``), so no token serves as another kind
+(a status token is not an access key, a dispatch token not a status token). One-time
+tokens are consumed by recording their ``jti`` (engine/store.py ``consume_token``).
+Verifying needs no HSM: only the public keys of the keyring.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import jwt
+import trio
+
+from engine import store as db
+from engine.errors import Unauthorized
+from engine.model import Clock
+from engine.store import Store
+from hsm.errors import InvalidToken
+from hsm.keyring import KeyPurpose, Keyring
+from hsm.tokens import TokenSigner
+
+RESULT_LIFETIME = timedelta(minutes=5)
+INTENT_LIFETIME = timedelta(minutes=5)
+STATUS_GRACE = timedelta(hours=1)
+
+
+class TokenKind(StrEnum):
+    STATUS = "status"
+    DISPATCH = "dispatch"
+    RESULT = "result"
+    INTENT = "intent"
+
+    @property
+    def audience(self) -> str:
+        return f"tapsign:{self.value}"
+
+
+class Tokens:
+    def __init__(self, keyring: Keyring, store: Store, *, issuer: str, clock: Clock) -> None:
+        self._signer = TokenSigner(keyring, KeyPurpose.TOKEN, issuer=issuer)
+        self._store = store
+        self._clock = clock
+        self.issuer = issuer
+
+    async def issue(
+        self,
+        kind: TokenKind,
+        *,
+        subject: str,
+        expires_at: datetime,
+        claims: Mapping[str, Any] | None = None,
+    ) -> str:
+        """A signed token of ``kind`` (signing happens in the HSM, in a worker thread)."""
+        now = self._clock()
+        document = {
+            "aud": kind.audience,
+            "sub": subject,
+            "iat": int(now.timestamp()),
+            "exp": int(expires_at.timestamp()),
+            "jti": secrets.token_urlsafe(16),
+            **(claims or {}),
+        }
+        return await trio.to_thread.run_sync(
+            functools.partial(self._signer.encode, document, token_type=f"{kind.value}+jwt")
+        )
+
+    def verify(self, token: str, kind: TokenKind) -> dict[str, Any]:
+        """The claims of a valid, unexpired token of ``kind``; :class:`Unauthorized` otherwise
+        (its ``reason`` says why, for the audit trail)."""
+        try:
+            return self._signer.decode(token, audience=kind.audience)
+        except InvalidToken as exc:
+            raise Unauthorized(f"{kind.value} token refused: {exc.reason}") from exc
+
+    def kind_of(self, token: str) -> tuple[TokenKind, dict[str, Any]] | None:
+        """Which kind of valid token this is, with its claims; None if it is not one."""
+        try:
+            audience = jwt.decode(token, options={"verify_signature": False}).get("aud")
+        except jwt.PyJWTError:
+            return None
+        kind = next((kind for kind in TokenKind if kind.audience == audience), None)
+        if kind is None:
+            return None
+        try:
+            return kind, self._signer.decode(token, audience=kind.audience)
+        except InvalidToken:
+            return None
+
+    async def consume(self, claims: dict[str, Any]) -> bool:
+        """Mark a one-time token used; False if it had been used already (a replay)."""
+        now = self._clock()
+        expires_at = datetime.fromtimestamp(int(claims["exp"]), tz=now.tzinfo)
+        jti = str(claims["jti"])
+        return await self._store.write(
+            lambda connection: db.consume_token(connection, jti, now=now, expires_at=expires_at)
+        )
