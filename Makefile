@@ -10,10 +10,10 @@ VAR    := var
 .PHONY: run test setup system-packages venv hsm db lint
 
 run: setup
-	@echo "==> tapsign hsm keys"
-	$(BIN)/tapsign hsm keys
-	@echo "==> tapsign bench verify"
-	$(BIN)/tapsign bench verify --seconds 3
+	@echo "==> access key for your backend (made on the first run, shown only then)"
+	@$(BIN)/tapsign keys create --name "make run" --if-none
+	@echo "==> tapsign serve on http://127.0.0.1:8080 with SQLite and SoftHSM2 (Ctrl+C stops)"
+	$(BIN)/tapsign serve --host 127.0.0.1 --port 8080
 
 test: setup lint
 	@echo "==> pytest"

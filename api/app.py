@@ -13,20 +13,15 @@ from typing import Any
 import msgspec
 import sqlalchemy as sa
 import trio
-from quart import Response
+from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from api import device, relying_party
 from api.metrics import metrics_text
 from api.openapi import api_page, openapi_document
-from api.routing import Auth, Call, Services, problem_response, route
-from engine.errors import (
-    BadRequest,
-    NotFound,
-    ServiceUnavailable,
-    TapsignError,
-)
+from api.routing import Auth, Call, Services, problem_response, record_refusal, route
+from engine.errors import Forbidden, ServiceUnavailable, TapsignError, Unauthorized
 from hsm.keyring import KeyPurpose
 
 log = logging.getLogger(__name__)
@@ -52,7 +47,7 @@ class Health(msgspec.Struct, frozen=True):
 
 
 def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio:
-    app = QuartTrio("tapsign")
+    app = QuartTrio("tapsign", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     engine = services.engine
@@ -63,6 +58,8 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
 
     @app.errorhandler(TapsignError)
     async def tapsign_error(error: TapsignError) -> Response:
+        if isinstance(error, Unauthorized | Forbidden):
+            await record_refusal(services, error, f"client:{request.remote_addr}")
         return problem_response(error)
 
     @app.errorhandler(HTTPException)
@@ -188,5 +185,4 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
         """Every route with its description, parameters and body fields."""
         return Response(api_page(services.base_url), content_type="text/html; charset=utf-8")
 
-    _ = (jwks, healthz, readyz, metrics, openapi, docs, NotFound, BadRequest)
     return app

@@ -10,27 +10,40 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+from uuid import UUID
 
+import httpx
 import msgspec
+import trio
+from hypercorn.run import run as hypercorn_run
 
+from api.access import SCOPES, AccessKeys
+from api.demo import DemoFailed, run_demo
+from api.server import hypercorn_config, serve
 from api.settings import Settings, load_settings
 from engine.audit import verify_chain
 from engine.benchmark import bench_memory
 from engine.errors import TapsignError
-from engine.store import Store, read_audit
+from engine.identity import Identity
+from engine.model import Device, User, utc_now
+from engine.store import AccessKeyRecord, Store, read_audit
 from hsm.benchmark import bench_verify
 from hsm.keyring import KeyPurpose, Keyring, open_keyring
 from hsm.keystores import Pkcs11KeyStore
 from hsm.pkcs11_token import initialise_token
 from hsm.settings import read_pin
 from hsm.verify_backends import make_verify_backend
+from sdk.client import ApiError
 
 SO_PIN_ENVIRONMENT_VARIABLE = "TAPSIGN_HSM_SO_PIN"
+T = TypeVar("T")
 
 
 def _keyring(settings: Settings) -> Keyring:
@@ -164,6 +177,161 @@ def audit_verify(settings: Settings, arguments: argparse.Namespace) -> None:
     print(f"the audit trail is intact: {len(entries):,} entries")
 
 
+def serve_command(settings: Settings, arguments: argparse.Namespace) -> None:
+    server = msgspec.structs.replace(
+        settings.server,
+        host=arguments.host or settings.server.host,
+        port=settings.server.port if arguments.port is None else arguments.port,
+        workers=arguments.workers or settings.server.workers,
+    )
+    settings = msgspec.structs.replace(settings, server=server)
+    print(f"tapsign serving on {server.base_url()} ({server.workers} worker(s)); Ctrl+C stops")
+    if server.workers == 1:
+        trio.run(serve, settings)
+        return
+    # Several processes: each imports api.asgi, which reads the same configuration, so the
+    # command-line values travel in the environment.
+    os.environ["TAPSIGN_SERVER_HOST"] = server.host
+    os.environ["TAPSIGN_SERVER_PORT"] = str(server.port)
+    config = hypercorn_config(settings)
+    config.application_path = "api.asgi:app"
+    hypercorn_run(config)
+
+
+def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
+    """Run ``work`` on a migrated store, outside any server (operator commands)."""
+
+    async def run() -> T:
+        store = Store(settings.database)
+        try:
+            await trio.to_thread.run_sync(store.migrate)
+            return await work(store)
+        finally:
+            store.close()
+
+    return trio.run(run)
+
+
+def keys_create(settings: Settings, arguments: argparse.Namespace) -> None:
+    async def create(store: Store) -> tuple[AccessKeyRecord, str] | None:
+        keys = AccessKeys(store, clock=utc_now)
+        if arguments.if_none and any(key.revoked_at is None for key in await keys.list()):
+            return None
+        return await keys.create(
+            name=arguments.name,
+            scopes=arguments.scope or sorted(SCOPES),
+            callback_url=arguments.callback_url,
+        )
+
+    created = _with_store(settings, create)
+    if created is None:
+        print("an access key exists already; 'tapsign keys create' makes another")
+        return
+    record, key = created
+    if arguments.json:
+        document = {"keyId": record.id, "accessKey": key, "scopes": sorted(record.scopes)}
+        print(json.dumps(document))
+        return
+    base = settings.server.base_url()
+    print(f"access key {record.id} ({', '.join(sorted(record.scopes))}), shown this once:")
+    print(f"  {key}")
+    print("try it:")
+    print(f"  curl -s {base}/api/v1/users/enroll -H 'Authorization: Bearer {key}' \\")
+    print("       -H 'Content-Type: application/json' -d '{\"username\": \"u12345\"}'")
+    print(f"  .venv/bin/tapsign demo --url {base} --access-key {key}")
+
+
+def keys_list(settings: Settings, arguments: argparse.Namespace) -> None:
+    async def listing(store: Store) -> list[AccessKeyRecord]:
+        return await AccessKeys(store, clock=utc_now).list()
+
+    for key in _with_store(settings, listing):
+        state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+        print(f"{key.id}  {key.name:<20} {' '.join(sorted(key.scopes)):<27} {state}")
+
+
+def keys_revoke(settings: Settings, arguments: argparse.Namespace) -> None:
+    async def revoke(store: Store) -> None:
+        await AccessKeys(store, clock=utc_now).revoke(arguments.key_id)
+
+    _with_store(settings, revoke)
+    print(f"access key {arguments.key_id} revoked")
+
+
+def users_command(settings: Settings, arguments: argparse.Namespace) -> None:
+    async def act(store: Store) -> tuple[User, list[Device]] | None:
+        identity = Identity(store)
+        target = arguments.user
+        try:
+            user = await identity.get_user(UUID(target))
+        except ValueError:
+            user = await identity.find_user(target)
+        action = arguments.action
+        if action == "lock":
+            user = await identity.lock_user(user.id, actor="admin")
+        elif action == "unlock":
+            user = await identity.unlock_user(user.id, actor="admin")
+        elif action == "deactivate":
+            user = await identity.deactivate_user(user.id, actor="admin")
+        elif action == "delete":
+            await identity.delete_user(user.id, actor="admin")
+            return None
+        return user, await identity.list_devices(user.id)
+
+    shown = _with_store(settings, act)
+    if shown is None:
+        print(f"user {arguments.user} deleted (the audit trail keeps its entries)")
+        return
+    user, devices = shown
+    created = f"{user.created_at:%Y-%m-%d %H:%M}Z"
+    print(f"{user.id}  {user.username}  {user.status.value}  created {created}")
+    for device in devices:
+        print(
+            f"  authenticator {device.id}  {device.name} ({device.platform})  "
+            f"{device.status.value}  failed attempts {device.failed_attempts}"
+        )
+
+
+def devices_command(settings: Settings, arguments: argparse.Namespace) -> None:
+    async def act(store: Store) -> Device:
+        identity = Identity(store)
+        device_id = UUID(arguments.device)
+        action = arguments.action
+        if action == "lock":
+            return await identity.lock_device(device_id, actor="admin")
+        if action == "unlock":
+            return await identity.unlock_device(device_id, actor="admin")
+        if action == "deactivate":
+            return await identity.deactivate_device(device_id, actor="admin")
+        return await identity.get_device(device_id)
+
+    device = _with_store(settings, act)
+    print(
+        f"{device.id}  user {device.user_id}  {device.name} ({device.platform})  "
+        f"{device.status.value}  failed attempts {device.failed_attempts}"
+    )
+
+
+def demo_command(settings: Settings, arguments: argparse.Namespace) -> None:
+    access_key = arguments.access_key
+    if access_key is None:
+
+        async def create(store: Store) -> str:
+            _, key = await AccessKeys(store, clock=utc_now).create(name="demo")
+            return key
+
+        access_key = _with_store(settings, create)
+    url = arguments.url or settings.server.base_url()
+    try:
+        run_demo(url, access_key)
+    except (DemoFailed, ApiError) as exc:
+        raise TapsignError(f"the demo failed: {exc}") from exc
+    except httpx.ConnectError as exc:
+        raise TapsignError(
+            f"no tapsign server answers at {url}: start one with 'make run'"
+        ) from exc
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tapsign", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -218,6 +386,41 @@ def _parser() -> argparse.ArgumentParser:
         dest="audit_command", required=True
     )
     audit.add_parser("verify", help="check the hash chain").set_defaults(handler=audit_verify)
+
+    server = commands.add_parser("serve", help="run the HTTP server (Hypercorn, trio)")
+    server.add_argument("--host", help="bind address (default 127.0.0.1)")
+    server.add_argument("--port", type=int, help="port (default 8080)")
+    server.add_argument("--workers", type=int, help="worker processes (default 1)")
+    server.set_defaults(handler=serve_command)
+
+    keys = commands.add_parser("keys", help="relying-party access keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="create an access key (shown once)")
+    create.add_argument("--name", default="relying party")
+    create.add_argument("--scope", action="append", choices=sorted(SCOPES), help="repeatable")
+    create.add_argument("--callback-url", help="callbacks of this key's transactions go here")
+    create.add_argument("--if-none", action="store_true", help="only if no active key exists")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(handler=keys_create)
+    keys.add_parser("list", help="list access keys").set_defaults(handler=keys_list)
+    revoke = keys.add_parser("revoke", help="revoke an access key")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=keys_revoke)
+
+    users = commands.add_parser("users", help="users, for operators")
+    users.add_argument("action", choices=["show", "lock", "unlock", "deactivate", "delete"])
+    users.add_argument("user", help="user id or username")
+    users.set_defaults(handler=users_command)
+    devices = commands.add_parser("devices", help="authenticators, for operators")
+    devices.add_argument("action", choices=["show", "lock", "unlock", "deactivate"])
+    devices.add_argument("device", help="authenticator id")
+    devices.set_defaults(handler=devices_command)
+
+    demo = commands.add_parser("demo", help="every flow against a running server")
+    demo.add_argument("--url", help="server URL (default: this configuration's)")
+    demo.add_argument("--access-key", help="default: a new key made in the local database")
+    demo.set_defaults(handler=demo_command)
     return parser
 
 

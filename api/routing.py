@@ -100,7 +100,7 @@ class RouteSpec:
 ROUTES: list[RouteSpec] = []
 _encoder = msgspec.json.Encoder()
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
-_AT = re.compile(r"at `\$\.?([^`]*)`")
+_AT = re.compile(r"at `\$\.?([^`]*)`|field `([^`]*)`")
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -121,7 +121,7 @@ def decode_body(data: bytes, content_type: str | None, kind: Any) -> Any:
     except msgspec.ValidationError as exc:
         found = _AT.search(str(exc))
         raise InvalidInput(
-            str(exc).split(" - at ")[0], field=found.group(1) if found else None
+            str(exc).split(" - at ")[0], field=(found.group(1) or found.group(2)) if found else None
         ) from exc
     except msgspec.DecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from exc
@@ -231,11 +231,7 @@ def route(
             if not isinstance(data, bytes):  # pragma: no cover - get_data(as_text=False)
                 data = data.encode()
             call = Call(services)
-            try:
-                await _authenticate(spec, call, data, path_values)
-            except (Unauthorized, Forbidden) as error:
-                await record_refusal(services, error, f"client:{request.remote_addr}")
-                raise
+            await _authenticate(spec, call, data, path_values)
             arguments: list[Any] = []
             if form:
                 arguments.append(_form(data, request.headers.get("Content-Type")))

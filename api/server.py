@@ -37,7 +37,7 @@ def build_app(settings: Settings, environ: Mapping[str, str] = os.environ) -> Qu
         for purpose in KeyPurpose:
             keyring.active(purpose)
     except KeyNotFound as exc:
-        raise ConfigurationError(f"{exc} (the keys are made once, by 'tapsign hsm init')") from exc
+        raise ConfigurationError(str(exc)) from exc
     verifier = BatchVerifier(
         make_verify_backend(settings.verifier, keyring),
         workers=settings.verifier.worker_count(),
@@ -68,8 +68,9 @@ def hypercorn_config(settings: Settings) -> Config:
     # connection may not hold more than this many requests in flight.
     config.h11_max_incomplete_size = 16 * 1024
     config.backlog = 1024
+    # Hypercorn logs through the "hypercorn.error" logger, to tapsign's own handlers.
     config.accesslog = None
-    config.errorlog = "-"
+    config.errorlog = None
     return config
 
 

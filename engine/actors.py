@@ -83,7 +83,7 @@ from engine.operations import (
     precheck,
 )
 from engine.payload import b64url, signed_payload
-from engine.settings import PSD2_MAX_SECONDS, OperationSettings
+from engine.settings import MIN_SECONDS, PSD2_MAX_SECONDS, OperationSettings
 from engine.store import OutboxItem, Store
 from hsm import ecdsa
 from hsm.keyring import Keyring
@@ -148,8 +148,10 @@ def check_request(request: OperationRequest, settings: OperationSettings) -> int
         raise InvalidInput("the callback URL is an http(s) URL", field="callbackUrl")
     limit = PSD2_MAX_SECONDS if kind in _NEEDS_UV else settings.max_seconds
     seconds = request.expires_in or min(settings.default_seconds, limit)
-    if not 10 <= seconds <= limit:
-        raise InvalidInput(f"this operation lives 10 to {limit} seconds", field="expiresIn")
+    if not MIN_SECONDS <= seconds <= limit:
+        raise InvalidInput(
+            f"this operation lives {MIN_SECONDS} to {limit} seconds", field="expiresIn"
+        )
     return seconds
 
 

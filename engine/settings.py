@@ -8,6 +8,8 @@ import msgspec
 
 #: PSD2 RTS art. 4(3)(d) and the issue's rule: authorisations and signatures live at most 5 min.
 PSD2_MAX_SECONDS = 300
+#: The shortest lifetime a request may ask for.
+MIN_SECONDS = 5
 
 
 class DatabaseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -355,7 +355,7 @@ async def test_consent_jwt_is_evidence_anyone_can_check(engine: Engine, keyring:
         (
             {"kind": OperationKind.AUTHORISATION, "payment": PAYMENT, "expires_in": 301},
             InvalidInput,
-            r"^this operation lives 10 to 300 seconds$",
+            r"^this operation lives 5 to 300 seconds$",
         ),
         ({"kind": OperationKind.SIGNATURE}, InvalidInput, r"^a signature, and only a signature"),
         ({"device_id": uuid4()}, InvalidInput, r"^the user has no authenticator with that id$"),

@@ -1,0 +1,290 @@
+"""Bad input to every endpoint, and access that must be refused, against a real server."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+
+from api.device_auth import canonical_request, sign_headers
+from sdk.client import ApiError, Client
+from sdk.device import Authenticator, Device
+from tests.e2e.conftest import Server
+from tests.e2e.test_flows import enrolled
+
+PROBLEM = "application/problem+json"
+UUID_ZERO = "00000000-0000-0000-0000-000000000000"
+
+
+def openapi(server: Server) -> dict[str, Any]:
+    document: dict[str, Any] = httpx.get(f"{server.url}/openapi.json").json()
+    return document
+
+
+def routes(server: Server) -> list[tuple[str, str, str, bool]]:
+    """``(method, path, security scheme, has a JSON body)`` of every documented route."""
+    found = []
+    for path, item in openapi(server)["paths"].items():
+        for method, operation in item.items():
+            schemes = [next(iter(option)) for option in operation["security"]]
+            content = operation.get("requestBody", {}).get("content", {})
+            found.append(
+                (method.upper(), path, schemes[0] if schemes else "", "application/json" in content)
+            )
+    return found
+
+
+def concrete(template: str) -> str:
+    for name in ("{transactionId}", "{userId}", "{authenticatorId}"):
+        template = template.replace(name, UUID_ZERO)
+    return template
+
+
+def test_the_openapi_document_is_valid_and_answers_for_every_route(server: Server) -> None:
+    validate(openapi(server))
+    documented = routes(server)
+    assert len(documented) >= 28
+    for method, template, _, _ in documented:
+        response = httpx.request(method, server.url + concrete(template))
+        # Every documented route exists with its method: no 405, no "no such route" 404.
+        assert response.status_code != 405, (method, template)
+        if response.status_code == 404:
+            assert response.json()["type"] != "https://tapsign.dev/problems/not-found"
+
+
+def _headers(
+    server: Server,
+    phone: Device,
+    scheme: str,
+    method: str,
+    path: str,
+    body: bytes,
+    content_type: str,
+) -> dict[str, str]:
+    headers = {"Content-Type": content_type}
+    if scheme == "accessKey":
+        headers["Authorization"] = f"Bearer {server.access_key}"
+    elif scheme == "deviceSignature":
+        headers.update(phone._signed(method, path, body))
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "problem"),
+    [
+        (b"{not json", "application/json", 400, "bad-request"),
+        (b"[]", "application/json", 422, "invalid-input"),
+        (b'{"surprise": 1}', "application/json", 422, "invalid-input"),
+        (b'{"x": ' * 5_000 + b"1" + b"}" * 5_000, "application/json", 422, "invalid-input"),
+        (b"{}", "text/plain", 415, "unsupported-media-type"),
+        (b"x" * 70_000, "application/json", 413, "request-entity-too-large"),
+    ],
+    ids=["malformed", "wrong-type", "unknown-field", "deeply-nested", "media-type", "too-large"],
+)
+def test_every_json_endpoint_refuses_bad_bodies_with_a_problem(
+    server: Server,
+    client: Client,
+    phone: Device,
+    body: bytes,
+    content_type: str,
+    status: int,
+    problem: str,
+) -> None:
+    enrolled(client, phone)
+    checked = 0
+    for method, template, scheme, has_body in routes(server):
+        if not has_body:
+            continue
+        path = concrete(template)
+        headers = _headers(server, phone, scheme, method, path, body, content_type)
+        response = httpx.request(method, server.url + path, content=body, headers=headers)
+        assert response.status_code == status, (method, path, response.text)
+        assert response.headers["content-type"] == PROBLEM
+        assert response.json()["type"] == f"https://tapsign.dev/problems/{problem}"
+        assert response.json()["status"] == status
+        checked += 1
+    assert checked >= 9
+
+
+def test_bad_uuids_and_methods_and_unknown_paths(server: Server) -> None:
+    bearer = {"Authorization": f"Bearer {server.access_key}"}
+    for method, template, _, _ in routes(server):
+        if "{" not in template:
+            continue
+        path = template.split("{")[0] + "not-a-uuid" + template.split("}")[1]
+        response = httpx.request(method, server.url + path, headers=bearer)
+        assert (response.status_code, response.headers["content-type"]) == (404, PROBLEM), path
+    wrong = httpx.put(f"{server.url}/api/v1/approval", headers=bearer)
+    assert (wrong.status_code, wrong.headers["content-type"]) == (405, PROBLEM)
+    missing = httpx.get(f"{server.url}/api/v2/nothing")
+    assert (missing.status_code, missing.headers["content-type"]) == (404, PROBLEM)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"amount": "-5", "currency": "EUR"}, "amount"),
+        ({"amount": "1.00", "currency": "EURO"}, "currency"),
+        ({"amount": "1.00", "currency": "XXX"}, "currency"),
+        ({"expiresIn": 100_000}, "expiresIn"),
+        ({"message": "m" * 501}, "message"),
+        ({"authenticatorId": "not-a-uuid"}, "authenticatorId"),
+        ({"requireUserVerification": "yes"}, "requireUserVerification"),
+    ],
+)
+def test_out_of_range_values_name_the_field(
+    server: Server, client: Client, phone: Device, fields: dict[str, Any], field: str
+) -> None:
+    username = enrolled(client, phone)
+    payload = {"username": username, **fields}
+    if "amount" in fields:
+        payload["payee"] = {"name": "Shop", "account": "DE89"}
+    response = httpx.post(
+        f"{server.url}/api/v1/approval",
+        json=payload,
+        headers={"Authorization": f"Bearer {server.access_key}"},
+    )
+    assert (response.status_code, response.headers["content-type"]) == (422, PROBLEM)
+    assert response.json()["field"] == field
+
+
+def test_access_key_scopes_and_token_kinds(server: Server, client: Client, phone: Device) -> None:
+    username = enrolled(client, phone)
+    narrow = json.loads(
+        server.tapsign(
+            "keys", "create", "--name", "users only", "--scope", "users", "--json"
+        ).stdout
+    )
+    with Client(server.url, narrow["accessKey"]) as users_only:
+        users_only.find_user(username)
+        with pytest.raises(ApiError) as raised:
+            users_only.approve(username=username)
+        assert (raised.value.status, raised.value.problem_type) == (
+            403,
+            "https://tapsign.dev/problems/forbidden",
+        )
+    started = client.approve(username=username)
+    for wrong in (started.status_token, "tsk_0000000000_" + secrets.token_urlsafe(32), "Basic x"):
+        with Client(server.url, wrong) as impostor, pytest.raises(ApiError) as raised:
+            impostor.find_user(username)
+        assert raised.value.status == 401
+        assert raised.value.problem is not None
+        assert raised.value.problem.detail == "authentication failed"  # generic to the caller
+    revoked = json.loads(server.tapsign("keys", "create", "--name", "short-lived", "--json").stdout)
+    server.tapsign("keys", "revoke", revoked["keyId"])
+    with Client(server.url, revoked["accessKey"]) as former, pytest.raises(ApiError) as raised:
+        former.find_user(username)
+    assert raised.value.status == 401
+    # Specific in the audit trail:
+    audit = server.tapsign("audit", "verify").stdout
+    assert "intact" in audit
+
+
+def test_intent_tokens_are_one_time_and_bound_to_one_user(
+    phones: Callable[[], Device], server: Server, client: Client, phone: Device
+) -> None:
+    username = enrolled(client, phone)
+    other = enrolled(client, phones())
+    intent = client.intent("approve", username=username).token
+    with Client(server.url, intent) as front_end:
+        with pytest.raises(ApiError) as raised:
+            front_end.approve(username=other)
+        assert raised.value.status == 403
+        with pytest.raises(ApiError) as raised:
+            front_end.enroll(username=username)
+        assert raised.value.status == 403  # an approve token does not enrol
+    intent = client.intent("approve", username=username).token
+    with Client(server.url, intent) as front_end:
+        front_end.approve(username=username)
+        with pytest.raises(ApiError) as raised:
+            front_end.approve(username=username)
+        assert (
+            raised.value.status,
+            raised.value.problem is not None and raised.value.problem.detail,
+        ) == (403, "this intent token has been used")
+
+
+def test_a_device_cannot_answer_another_users_transaction(
+    phones: Callable[[], Device], server: Server, client: Client, phone: Device
+) -> None:
+    alice = enrolled(client, phone)
+    bob_phone = phones()
+    enrolled(client, bob_phone)
+    started = client.approve(username=alice)
+    operation = phone.pending()[0]
+    with pytest.raises(ApiError) as raised:
+        bob_phone.approve(operation)
+    assert (raised.value.status, raised.value.problem_type) == (
+        404,
+        "https://tapsign.dev/problems/transaction-not-found",
+    )
+    assert bob_phone.pending() == []
+    # A dispatch token opens its own transaction only.
+    other = client.approve(username=alice)
+    token = Device.dispatch_token(other.app_link_uri)
+    response = httpx.post(
+        f"{server.url}/device/v1/operations/{started.transaction_id}/answer",
+        content=b'{"decision":"approve","userVerification":"biometric","counter":9,"signature":"AAAA"}',
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code == 404
+    assert client.status(started.status_token).status == "pending"
+
+
+def test_device_requests_must_be_signed_fresh_and_by_the_device(
+    server: Server, client: Client, phone: Device
+) -> None:
+    enrolled(client, phone)
+    path = "/device/v1/operations"
+    assert phone.authenticator_id is not None
+    good = sign_headers(
+        authenticator_id=phone.authenticator_id,
+        signer=phone.authenticator,
+        method="GET",
+        path=path,
+        body=b"",
+    )
+    impostor = sign_headers(
+        authenticator_id=phone.authenticator_id,
+        signer=Authenticator(),
+        method="GET",
+        path=path,
+        body=b"",
+    )
+    stale_time = str(int(time.time()) - 3600)
+    stale = {**good, "Tapsign-Timestamp": stale_time, "Tapsign-Nonce": secrets.token_urlsafe(18)}
+    stale["Tapsign-Signature"] = phone.authenticator.sign(
+        canonical_request("GET", path, stale_time, stale["Tapsign-Nonce"], b"")
+    ).hex()
+    other_path = {
+        **sign_headers(
+            authenticator_id=phone.authenticator_id,
+            signer=phone.authenticator,
+            method="GET",
+            path="/device/v1/other",
+            body=b"",
+        )
+    }
+    for headers in (impostor, stale, other_path, {}, {**good, "Tapsign-Authenticator": UUID_ZERO}):
+        response = httpx.get(server.url + path, headers=headers)
+        assert (response.status_code, response.json()["detail"]) == (401, "authentication failed")
+    assert httpx.get(server.url + path, headers=good).status_code == 200
+
+
+def test_health_metrics_jwks_and_docs(server: Server) -> None:
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/readyz").json()["status"] == "ready"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'tapsign_verifier_valid_total{backend="openssl"}' in metrics
+    assert "tapsign_operations_live" in metrics
+    jwks = httpx.get(f"{server.url}/.well-known/jwks.json")
+    assert jwks.headers["content-type"] == "application/jwk-set+json"
+    assert {key["use"] for key in jwks.json()["keys"]} == {"sig"}
+    page = httpx.get(f"{server.url}/docs").text
+    assert "POST /api/v1/approval" in page
