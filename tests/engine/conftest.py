@@ -7,16 +7,18 @@ its own, dropped afterwards. Without a server the PostgreSQL half is skipped, wi
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 import trio
+import trio.testing
 
 from engine.service import Engine
 from engine.settings import CallbackSettings, DatabaseSettings, EngineSettings
@@ -71,6 +73,21 @@ def store(database_url: str) -> Iterator[Store]:
     store.migrate()
     yield store
     store.close()
+
+
+@contextmanager
+def clock_stopped(clock: trio.testing.MockClock) -> Iterator[None]:
+    """Mock time stands still inside: no autojump while set-up waits for worker threads.
+
+    The autojump clock jumps whenever every task waits, and waiting for a database thread
+    counts; under load, set-up could otherwise let minutes of retries and deadlines pass.
+    """
+    threshold = clock.autojump_threshold
+    clock.autojump_threshold = math.inf
+    try:
+        yield
+    finally:
+        clock.autojump_threshold = threshold
 
 
 class TrioWallClock:

@@ -44,7 +44,7 @@ from engine.schema import audit_log, operations, outbox
 from engine.service import Engine
 from hsm.keyring import Keyring
 from sdk.device import Authenticator
-from tests.engine.conftest import ISSUER, EngineFactory
+from tests.engine.conftest import ISSUER, EngineFactory, clock_stopped
 
 PAYMENT = Payment(amount="42.00", currency="EUR", payee=Payee(name="Shop", account="DE89 3704"))
 CALLBACK = "http://127.0.0.1:9/callbacks"  # discard port: deliveries fail, rows stay queued
@@ -276,10 +276,11 @@ async def test_cancel(engine: Engine) -> None:
 async def test_operations_expire_on_time(
     engine: Engine, autojump_clock: trio.testing.MockClock
 ) -> None:
-    phone, user_id, _ = await enrol(engine)
-    operation = await start(
-        engine, user_id, kind=OperationKind.AUTHORISATION, payment=PAYMENT, expires_in=120
-    )
+    with clock_stopped(autojump_clock):
+        phone, user_id, _ = await enrol(engine)
+        operation = await start(
+            engine, user_id, kind=OperationKind.AUTHORISATION, payment=PAYMENT, expires_in=120
+        )
     await trio.sleep(119)
     assert (await engine.supervisor.get(operation.id)).phase is Phase.CREATED
     await trio.sleep(2)
@@ -448,9 +449,10 @@ async def test_pending_operations_resume_after_a_restart(engine_factory: EngineF
 async def test_overdue_operations_expire_at_start_up(
     engine_factory: EngineFactory, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with engine_factory() as first:
-        _, user_id, _ = await enrol(first)
-        operation = await start(first, user_id, expires_in=60)
+    with clock_stopped(autojump_clock):
+        async with engine_factory() as first:
+            _, user_id, _ = await enrol(first)
+            operation = await start(first, user_id, expires_in=60)
     await trio.sleep(61)  # tapsign was down while the operation ran out
     async with engine_factory() as second:
         expired = await second.supervisor.wait(operation.id, version=operation.version)

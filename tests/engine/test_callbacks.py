@@ -24,7 +24,7 @@ from engine.service import Engine
 from engine.settings import CallbackSettings
 from hsm.keyring import Keyring
 from sdk.device import Authenticator
-from tests.engine.conftest import EngineFactory
+from tests.engine.conftest import EngineFactory, clock_stopped
 from tests.receiver import Received, Receiver
 
 
@@ -125,19 +125,20 @@ async def test_receiver_down_for_minutes_then_everything_arrives_in_order(
     receiver = Receiver()  # not listening yet: connections are refused
     settings = CallbackSettings(first_retry_seconds=1, max_retry_seconds=60)
     async with engine_factory(settings) as engine:
-        phone, user_id = await enrol(engine)
-        thief = Authenticator(phone.private_key)
-        first = await start(engine, user_id, receiver.url())
-        operation = await engine.supervisor.get(first)
-        # Approvals do not wait for callbacks: this returns while deliveries are failing.
-        await engine.supervisor.answer(first, phone.answer(operation))
-        second = await start(engine, user_id, receiver.url())
-        await engine.supervisor.cancel(second)
-        for _ in range(5):  # the fifth failure also locks the device: two events, one operation
-            failing = await start(engine, user_id, receiver.url())
-            wrong = msgspec.structs.replace(await engine.supervisor.get(failing), message="x")
-            result = await engine.supervisor.answer(failing, thief.answer(wrong))
-            assert result.operation.failure_reason is FailureReason.BAD_SIGNATURE
+        with clock_stopped(autojump_clock):
+            phone, user_id = await enrol(engine)
+            thief = Authenticator(phone.private_key)
+            first = await start(engine, user_id, receiver.url())
+            operation = await engine.supervisor.get(first)
+            # Approvals do not wait for callbacks: this returns while deliveries fail.
+            await engine.supervisor.answer(first, phone.answer(operation))
+            second = await start(engine, user_id, receiver.url())
+            await engine.supervisor.cancel(second)
+            for _ in range(5):  # the fifth failure also locks the device: two events
+                failing = await start(engine, user_id, receiver.url())
+                wrong = msgspec.structs.replace(await engine.supervisor.get(failing), message="x")
+                result = await engine.supervisor.answer(failing, thief.answer(wrong))
+                assert result.operation.failure_reason is FailureReason.BAD_SIGNATURE
 
         # Minutes of refused connections: every operation's first callback retries with
         # backoff (1, 2, 4, 8 s ...); the second callback of the last operation waits
@@ -167,11 +168,12 @@ async def test_a_failing_endpoint_holds_up_no_one_else(
     engine: Engine, receiver: Receiver, autojump_clock: trio.testing.MockClock
 ) -> None:
     receiver.status = lambda path: 500 if path == "/broken" else 204
-    _, user_id = await enrol(engine)
-    broken = await start(engine, user_id, receiver.url("/broken"))
-    await engine.supervisor.cancel(broken)
-    healthy = await start(engine, user_id, receiver.url("/fine"))
-    await engine.supervisor.cancel(healthy)
+    with clock_stopped(autojump_clock):
+        _, user_id = await enrol(engine)
+        broken = await start(engine, user_id, receiver.url("/broken"))
+        await engine.supervisor.cancel(broken)
+        healthy = await start(engine, user_id, receiver.url("/fine"))
+        await engine.supervisor.cancel(healthy)
     while not [r for r in receiver.received if r.path == "/fine"]:
         await receiver.arrived.wait()
     attempts_on_broken = [r for r in receiver.received if r.path == "/broken"]
@@ -188,9 +190,10 @@ async def test_deliveries_are_given_up_after_the_limit(
     receiver.status = lambda path: 503
     settings = CallbackSettings(first_retry_seconds=1, max_retry_seconds=10, give_up_seconds=60)
     async with engine_factory(settings) as engine:
-        _, user_id = await enrol(engine)
-        operation_id = await start(engine, user_id, receiver.url())
-        await engine.supervisor.cancel(operation_id)
+        with clock_stopped(autojump_clock):
+            _, user_id = await enrol(engine)
+            operation_id = await start(engine, user_id, receiver.url())
+            await engine.supervisor.cancel(operation_id)
         await eventually(lambda: engine.callbacks.statistics().given_up == 1)
         (row,) = outbox_rows(engine)
         assert row.failed_at is not None
