@@ -13,8 +13,11 @@ import contextlib
 import json
 import logging
 import os
+import socket
+import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 from uuid import UUID
@@ -322,14 +325,46 @@ def demo_command(settings: Settings, arguments: argparse.Namespace) -> None:
 
         access_key = _with_store(settings, create)
     url = arguments.url or settings.server.base_url()
+    with contextlib.ExitStack() as stack:
+        if arguments.url is None and not _answers(url):
+            url = stack.enter_context(_server_for_demo())
+        try:
+            run_demo(url, access_key)
+        except (DemoFailed, ApiError) as exc:
+            raise TapsignError(f"the demo failed: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise TapsignError(f"no tapsign server answers at {url}: {exc}") from exc
+
+
+def _answers(url: str) -> bool:
     try:
-        run_demo(url, access_key)
-    except (DemoFailed, ApiError) as exc:
-        raise TapsignError(f"the demo failed: {exc}") from exc
-    except httpx.ConnectError as exc:
-        raise TapsignError(
-            f"no tapsign server answers at {url}: start one with 'make run'"
-        ) from exc
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@contextlib.contextmanager
+def _server_for_demo() -> Iterator[str]:
+    """A server of this configuration on a free loopback port, for the demo's length."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    print(f"no server at the configured URL: starting one on {url}")
+    process = subprocess.Popen(  # noqa: S603 - this very program
+        [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise TapsignError("the demo's server did not start (see its output above)")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -418,7 +453,9 @@ def _parser() -> argparse.ArgumentParser:
     devices.set_defaults(handler=devices_command)
 
     demo = commands.add_parser("demo", help="every flow against a running server")
-    demo.add_argument("--url", help="server URL (default: this configuration's)")
+    demo.add_argument(
+        "--url", help="server URL (default: this configuration's, or one the demo starts)"
+    )
     demo.add_argument("--access-key", help="default: a new key made in the local database")
     demo.set_defaults(handler=demo_command)
     return parser

@@ -38,9 +38,11 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     public_url: str | None = None
     #: Request bodies above this many bytes get 413.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 2**20)] = 65_536
-    #: Seconds a keep-alive connection may idle, and a request may take to arrive.
+    #: Seconds a keep-alive connection may idle between requests.
     keep_alive_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
-    read_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    #: Seconds without a byte from the client before the connection is dropped. Hypercorn
+    #: applies it while a response is pending too, so it must exceed the 30 s long-poll.
+    read_timeout_seconds: Annotated[float, msgspec.Meta(ge=35, le=300)] = 45.0
 
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")

@@ -40,6 +40,8 @@ import trio
 from sqlalchemy.engine import Connection
 
 from engine import store as db
+from engine.callbacks import outbox_row
+from engine.dispatch import Dispatcher
 from engine.errors import (
     Conflict,
     DeviceNotActive,
@@ -110,6 +112,7 @@ class Context:
     verifier: BatchVerifier
     consent: TokenSigner
     callbacks: CallbackQueue
+    dispatcher: Dispatcher
     settings: OperationSettings
     clock: Clock
 
@@ -555,7 +558,7 @@ def _record_answer(
                 )
                 if operation.callback_url:
                     items.append(
-                        _insert_callback(
+                        outbox_row(
                             connection,
                             operation,
                             now,
@@ -600,7 +603,7 @@ def _record_answer(
 
 
 def _operation_callback(connection: Connection, operation: Operation, now: datetime) -> OutboxItem:
-    return _insert_callback(
+    return outbox_row(
         connection,
         operation,
         now,
@@ -612,39 +615,6 @@ def _operation_callback(connection: Connection, operation: Operation, now: datet
             "userId": str(operation.user_id),
             "authenticatorId": str(operation.device_id),
         },
-    )
-
-
-def _insert_callback(
-    connection: Connection, operation: Operation, now: datetime, *, event: str, body: dict[str, Any]
-) -> OutboxItem:
-    if operation.callback_url is None:  # pragma: no cover - callers check
-        raise InvalidInput("no callback URL", field="callbackUrl")
-    document = msgspec.json.encode(
-        {
-            "event": event,
-            "transactionId": str(operation.id),
-            "timestamp": now.isoformat(timespec="milliseconds"),
-            **body,
-        }
-    )
-    outbox_id = db.insert_outbox(
-        connection,
-        operation_id=operation.id,
-        event=event,
-        url=operation.callback_url,
-        body=document,
-        now=now,
-    )
-    return OutboxItem(
-        id=outbox_id,
-        operation_id=operation.id,
-        event=event,
-        url=operation.callback_url,
-        body=document,
-        attempts=0,
-        created_at=now,
-        next_attempt_at=now,
     )
 
 
@@ -771,20 +741,9 @@ class Supervisor:
         def create_and_dispatch(connection: Connection) -> Operation:
             operation = create(connection)
             if request.push_notification is not None:
-                # The webhook dispatcher: the relying party delivers the push; the phone
-                # then fetches the operation itself (the notification carries no content).
-                pushed.append(
-                    _insert_callback(
-                        connection,
-                        operation,
-                        now,
-                        event="push.created",
-                        body={
-                            "userId": str(operation.user_id),
-                            "authenticatorId": str(operation.device_id),
-                            "kind": operation.kind.value,
-                            "notificationMessage": request.push_notification,
-                        },
+                pushed.extend(
+                    self.context.dispatcher.dispatch(
+                        connection, operation, notification=request.push_notification, now=now
                     )
                 )
             return operation

@@ -28,6 +28,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import httpx
 import msgspec
@@ -35,7 +36,8 @@ import trio
 from sqlalchemy.engine import Connection
 
 from engine import store as db
-from engine.model import Clock
+from engine.errors import InvalidInput
+from engine.model import Clock, Operation
 from engine.payload import b64url
 from engine.settings import CallbackSettings
 from engine.store import OutboxItem, Store
@@ -206,3 +208,37 @@ class CallbackDeliverer:
         if 200 <= response.status_code < 300:
             return None
         return f"HTTP {response.status_code}"
+
+
+def outbox_row(
+    connection: Connection, operation: Operation, now: datetime, *, event: str, body: dict[str, Any]
+) -> OutboxItem:
+    """Write a callback about ``operation`` into the outbox, in the caller's transaction."""
+    if operation.callback_url is None:  # pragma: no cover - callers check
+        raise InvalidInput("no callback URL", field="callbackUrl")
+    document = msgspec.json.encode(
+        {
+            "event": event,
+            "transactionId": str(operation.id),
+            "timestamp": now.isoformat(timespec="milliseconds"),
+            **body,
+        }
+    )
+    outbox_id = db.insert_outbox(
+        connection,
+        operation_id=operation.id,
+        event=event,
+        url=operation.callback_url,
+        body=document,
+        now=now,
+    )
+    return OutboxItem(
+        id=outbox_id,
+        operation_id=operation.id,
+        event=event,
+        url=operation.callback_url,
+        body=document,
+        attempts=0,
+        created_at=now,
+        next_attempt_at=now,
+    )

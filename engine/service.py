@@ -17,6 +17,7 @@ from engine import audit
 from engine import store as db
 from engine.actors import Context, Supervisor
 from engine.callbacks import CallbackDeliverer
+from engine.dispatch import WebhookDispatcher
 from engine.identity import Identity
 from engine.model import Clock, User, utc_now
 from engine.settings import EngineSettings
@@ -52,6 +53,7 @@ class Engine:
                 verifier=verifier,
                 consent=TokenSigner(keyring, KeyPurpose.CONSENT, issuer=issuer),
                 callbacks=self.callbacks,
+                dispatcher=WebhookDispatcher(),
                 settings=settings.operations,
                 clock=clock,
             )

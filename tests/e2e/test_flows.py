@@ -263,3 +263,21 @@ def test_users_and_authenticators(client: Client, phone: Device) -> None:
     assert client.get_authenticator(device_id).state == "deactivated"
     with pytest.raises(ApiError):
         client.approve(username=username)
+
+
+def test_the_demo_and_the_operator_commands(server: Server, client: Client, phone: Device) -> None:
+    demo = server.tapsign("demo", "--url", server.url, "--access-key", server.access_key)
+    assert demo.stdout.splitlines()[-1] == "demo complete: every step behaved as it must"
+    assert "failed (bad-signature)" in demo.stdout
+
+    username = enrolled(client, phone)
+    shown = server.tapsign("users", "show", username).stdout
+    assert username in shown
+    assert f"authenticator {phone.authenticator_id}" in shown
+    locked = server.tapsign("devices", "lock", str(phone.authenticator_id)).stdout
+    assert "locked" in locked
+    assert client.get_authenticator(phone.authenticator_id).state == "locked"  # type: ignore[arg-type]
+    server.tapsign("devices", "unlock", str(phone.authenticator_id))
+    assert "deactivated" in server.tapsign("users", "deactivate", username).stdout
+    listed = server.tapsign("keys", "list").stdout
+    assert "e2e" in listed

@@ -221,3 +221,32 @@ async def test_undelivered_callbacks_survive_a_restart(
         await delivered(second, 1)
         assert outbox_rows(second)[0].delivered_at is not None
         assert (await second.supervisor.get(operation_id)).phase is Phase.CANCELLED
+
+
+async def test_the_webhook_dispatcher_asks_the_relying_party_to_push(
+    engine: Engine, receiver: Receiver
+) -> None:
+    phone, user_id = await enrol(engine)
+    operation = await engine.supervisor.start(
+        OperationRequest(
+            kind=OperationKind.AUTHENTICATION,
+            user_id=user_id,
+            callback_url=receiver.url(),
+            push_notification="Approve your login",
+        ),
+        actor="test",
+    )
+    (push,) = await until(receiver, 1)
+    body = msgspec.json.decode(push.body)
+    assert (push.headers["tapsign-event"], body["notificationMessage"]) == (
+        "push.created",
+        "Approve your login",
+    )
+    assert body["authenticatorId"] == str(operation.device_id)
+    assert "challenge" not in body  # the push wakes the app; the content is fetched
+    await engine.supervisor.answer(operation.id, phone.answer(operation))
+    received = await until(receiver, 2)
+    assert [r.headers["tapsign-event"] for r in received] == [
+        "push.created",
+        "transaction.succeeded",
+    ]
