@@ -7,8 +7,6 @@ authenticators), so that an integrator can switch by changing the base URL.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import trio
@@ -80,25 +78,38 @@ def register(app: Quart, services: Services) -> None:
         if not await services.tokens.consume(call.grant):
             raise Forbidden("this intent token has been used")
 
+    async def issue(kind: TokenKind, operation: Operation) -> str:
+        if kind is TokenKind.STATUS:
+            return await services.tokens.issue(
+                kind, subject=str(operation.id), expires_at=operation.expires_at + STATUS_GRACE
+            )
+        return await services.tokens.issue(
+            kind,
+            subject=str(operation.id),
+            expires_at=operation.expires_at,
+            claims={"dev": str(operation.device_id)},
+        )
+
     async def links(operation: Operation) -> tuple[str, wire.QrCode, str]:
         """Status token, QR code and app link (holding the dispatch token) of an operation."""
         tokens: dict[TokenKind, str] = {}
 
-        async def issue(kind: TokenKind, expires_at: datetime, claims: dict[str, Any]) -> None:
-            tokens[kind] = await services.tokens.issue(
-                kind, subject=str(operation.id), expires_at=expires_at, claims=claims
-            )
+        async def into(kind: TokenKind) -> None:
+            tokens[kind] = await issue(kind, operation)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(issue, TokenKind.STATUS, operation.expires_at + STATUS_GRACE, {})
-            nursery.start_soon(
-                issue, TokenKind.DISPATCH, operation.expires_at, {"dev": str(operation.device_id)}
-            )
+            nursery.start_soon(into, TokenKind.STATUS)
+            nursery.start_soon(into, TokenKind.DISPATCH)
         app_link = f"{services.base_url}/open?dispatchToken={tokens[TokenKind.DISPATCH]}"
-        return tokens[TokenKind.STATUS], qr_code(app_link), app_link
+        # A 300 px PNG takes milliseconds of pure Python: off the event loop.
+        qr = await trio.to_thread.run_sync(qr_code, app_link)
+        return tokens[TokenKind.STATUS], qr, app_link
 
-    async def started(operation: Operation) -> wire.Started:
-        status_token, qr, app_link = await links(operation)
+    async def started(operation: Operation, channel: str) -> wire.Started:
+        if channel == "app":
+            status_token, qr, app_link = await links(operation)
+        else:
+            status_token, qr, app_link = await issue(TokenKind.STATUS, operation), None, None
         return wire.Started(
             transaction_id=operation.id,
             status_token=status_token,
@@ -215,8 +226,9 @@ def register(app: Quart, services: Services) -> None:
     async def approval(call: Call, body: wire.Approval) -> wire.Started:
         """An authentication; an authorisation (payment approval, PSD2 dynamic linking) when
         ``amount``, ``currency`` and ``payee`` are given, which the phone shows and signs.
-        ``channel: push`` asks the relying party (``push.created`` callback) to notify the
-        phone; ``app`` (default) returns a QR code and an app link for it."""
+        ``channel: push`` (default) asks the relying party (``push.created`` callback, if it
+        has a callback URL) to notify the phone, which then fetches; ``app`` also returns a
+        QR code and an app link, for a phone other than the device in use."""
         await check_intent(call, body.user_id, body.username)
         payment = None
         if body.amount is not None and body.currency is not None and body.payee is not None:
@@ -247,7 +259,7 @@ def register(app: Quart, services: Services) -> None:
             ),
             actor=call.actor,
         )
-        return await started(operation)
+        return await started(operation, body.channel)
 
     @route(
         app,
@@ -286,7 +298,7 @@ def register(app: Quart, services: Services) -> None:
             ),
             actor=call.actor,
         )
-        return await started(operation)
+        return await started(operation, body.channel)
 
     @route(
         app,

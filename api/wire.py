@@ -155,7 +155,10 @@ class Approval(Wire, frozen=True, kw_only=True):
     username: Username | None = None
     user_id: UUID | None = None
     authenticator_id: UUID | None = None
-    channel: Literal["app", "push"] = "app"
+    #: ``push`` (default, as Nevis): the phone is nudged (``push.created`` callback to the
+    #: relying party, if it has a callback URL) and fetches; ``app``: also a QR code and an
+    #: app link for a phone that is not the one the user is using.
+    channel: Literal["app", "push"] = "push"
     message: Message = ""
     notification_message: Annotated[str, msgspec.Meta(max_length=200)] = ""
     amount: Amount | None = None
@@ -174,7 +177,7 @@ class Signature(Wire, frozen=True, kw_only=True):
     username: Username | None = None
     user_id: UUID | None = None
     authenticator_id: UUID | None = None
-    channel: Literal["app", "push"] = "app"
+    channel: Literal["app", "push"] = "push"
     text: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CONSENT_TEXT)]
     message: Message = ""
     notification_message: Annotated[str, msgspec.Meta(max_length=200)] = ""
@@ -188,11 +191,12 @@ class Signature(Wire, frozen=True, kw_only=True):
 class Started(Wire, frozen=True, kw_only=True):
     transaction_id: UUID
     status_token: str
-    qr_code: QrCode
-    app_link_uri: str
     user_id: UUID
     authenticator_id: UUID
     expires_at: datetime
+    #: Channel ``app`` only.
+    qr_code: QrCode | None = None
+    app_link_uri: str | None = None
 
 
 class StatusQuery(Wire, frozen=True, kw_only=True):

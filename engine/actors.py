@@ -142,8 +142,6 @@ def check_request(request: OperationRequest, settings: OperationSettings) -> int
     ):
         if context is not None and len(context) > MAX_CONTEXT:
             raise InvalidInput(f"a context has at most {MAX_CONTEXT} characters", field=name)
-    if request.push_notification is not None and request.callback_url is None:
-        raise InvalidInput("the push channel needs a callback URL to deliver to", field="channel")
     if request.callback_url is not None and (
         not request.callback_url.startswith(("https://", "http://"))
         or len(request.callback_url) > 2000
@@ -740,7 +738,7 @@ class Supervisor:
 
         def create_and_dispatch(connection: Connection) -> Operation:
             operation = create(connection)
-            if request.push_notification is not None:
+            if request.push_notification is not None and operation.callback_url is not None:
                 pushed.extend(
                     self.context.dispatcher.dispatch(
                         connection, operation, notification=request.push_notification, now=now

@@ -228,7 +228,8 @@ class OperationRequest(msgspec.Struct, frozen=True, kw_only=True):
     callback_url: str | None = None
     client_id: str | None = None
     #: Ask the relying party to push a notification to the phone (a ``push.created``
-    #: callback: tapsign's webhook dispatcher), with this text for the notification.
+    #: callback: tapsign's webhook dispatcher), with this text for the notification. Without
+    #: a callback URL nothing is pushed: the phone finds the operation when it fetches.
     push_notification: str | None = None
 
 

@@ -228,14 +228,20 @@ def test_long_poll_returns_when_the_status_changes(client: Client, phone: Device
     assert time.monotonic() - began < 29  # woken by the change, not by the 30 s limit
 
 
-def test_push_channel_needs_a_callback_url(client: Client, phone: Device) -> None:
+def test_channels_push_by_default_and_app_with_a_qr_code(client: Client, phone: Device) -> None:
     username = enrolled(client, phone)
-    with pytest.raises(ApiError) as raised:
-        client.approve(username=username, channel="push", notification_message="Approve?")
-    assert (raised.value.status, raised.value.problem.field if raised.value.problem else None) == (
-        422,
-        "channel",
-    )
+    pushed = client.approve(username=username, notification_message="Approve?")
+    assert (pushed.qr_code, pushed.app_link_uri) == (None, None)  # the phone fetches it
+    assert [operation.id for operation in phone.pending()] == [pushed.transaction_id]
+    client.cancel(pushed.transaction_id)
+
+    cross_device = client.approve(username=username, channel="app", message="From the laptop")
+    assert cross_device.qr_code is not None
+    assert cross_device.app_link_uri is not None
+    operation = phone.redeem(cross_device.app_link_uri)  # the phone scanned the QR code
+    assert operation.message == "From the laptop"
+    assert phone.approve(operation).status == "succeeded"
+    assert client.wait_for_result(cross_device.status_token).status == "succeeded"
 
 
 def test_users_and_authenticators(client: Client, phone: Device) -> None:

@@ -226,7 +226,8 @@ def test_a_device_cannot_answer_another_users_transaction(
     )
     assert bob_phone.pending() == []
     # A dispatch token opens its own transaction only.
-    other = client.approve(username=alice)
+    other = client.approve(username=alice, channel="app")
+    assert other.app_link_uri is not None
     token = Device.dispatch_token(other.app_link_uri)
     response = httpx.post(
         f"{server.url}/device/v1/operations/{started.transaction_id}/answer",
