@@ -7,7 +7,16 @@ BIN    := $(VENV)/bin
 VAR    := var
 
 .DEFAULT_GOAL := run
-.PHONY: run test setup system-packages venv hsm db lint
+.PHONY: run test setup system-packages venv hsm db lint loadtest
+
+# make loadtest SCENARIO=mixed USERS=32 SPAWN_RATE=16 DURATION=60s [URL=… ACCESS_KEY=…]
+SCENARIO   ?= mixed
+USERS      ?= 32
+SPAWN_RATE ?= 16
+DURATION   ?= 60s
+URL        ?=
+ACCESS_KEY ?=
+SERVER_WORKERS ?= 1
 
 run: setup
 	@echo "==> access key for your backend (made on the first run, shown only then)"
@@ -18,6 +27,12 @@ run: setup
 test: setup lint
 	@echo "==> pytest"
 	$(BIN)/pytest
+
+loadtest: setup
+	@echo "==> Locust, scenario $(SCENARIO), $(USERS) users, $(DURATION), report in loadtests/reports/"
+	$(BIN)/python -m loadtests.run --scenario $(SCENARIO) --users $(USERS) \
+	  --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --server-workers $(SERVER_WORKERS) \
+	  $(if $(URL),--url $(URL)) $(if $(ACCESS_KEY),--access-key $(ACCESS_KEY))
 
 lint: venv
 	@echo "==> ruff check, ruff format --check, mypy --strict"

@@ -1,0 +1,260 @@
+"""Locust scenarios: each simulated user is a relying party together with its user's phone.
+
+A complete SCA transaction -- the relying party starts it, the phone fetches it over a
+signed request, the user's answer is signed and sent, the relying party sees the final
+status through the long-poll -- is reported to Locust as request type ``SCA`` under the
+scenario's name, beside the HTTP calls it is made of. Each transaction's exact duration
+is also written to ``$TAPSIGN_LOADTEST_TIMINGS.<pid>`` (Locust rounds its percentiles).
+
+Phones are enrolled when a user starts, with a separate HTTP client, and the statistics
+are reset once every user runs (``--reset-stats``), so the measured phase measures
+approvals. Scenario: ``TAPSIGN_LOADTEST_SCENARIO`` = ``mixed`` (default), ``enrolment``,
+``login``, ``payment``, ``consent`` or ``decline``. The access key:
+``TAPSIGN_LOADTEST_ACCESS_KEY``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import jwt
+import msgspec
+from locust import FastHttpUser, constant, events, task
+from locust.env import Environment
+
+from api import wire
+from api.device_auth import sign_headers
+from engine.model import Decision
+from sdk.client import Client
+from sdk.device import Authenticator, Device
+
+ACCESS_KEY = os.environ.get("TAPSIGN_LOADTEST_ACCESS_KEY", "")
+SCENARIO = os.environ.get("TAPSIGN_LOADTEST_SCENARIO", "mixed")
+TIMINGS = os.environ.get("TAPSIGN_LOADTEST_TIMINGS")
+#: The mixed scenario: mostly payments and logins, some enrolments, consents and declines.
+MIX = {"payment": 45, "login": 40, "enrolment": 5, "consent": 5, "decline": 5}
+SHOP = {"name": "Coffee Shop", "account": "DE89 3704 0044 0532 0130 00"}
+
+_timings: list[tuple[float, float, str, bool]] = []
+_pending = msgspec.json.Decoder(wire.PendingOperations)
+_started = msgspec.json.Decoder(wire.Started)
+_status = msgspec.json.Decoder(wire.Status)
+_answer_result = msgspec.json.Decoder(wire.AnswerResult)
+_device_operation = msgspec.json.Decoder(wire.DeviceOperation)
+_enrolled = msgspec.json.Decoder(wire.Enrolled)
+
+
+class TransactionFailed(Exception):
+    pass
+
+
+def _measure_from_here(user_count: int, **_: Any) -> None:
+    _timings.clear()
+
+
+def _write_timings(environment: Environment, **_: Any) -> None:
+    if TIMINGS is None:
+        return
+    with open(f"{TIMINGS}.{os.getpid()}", "w", encoding="utf-8") as file:
+        for started, seconds, name, ok in _timings:
+            file.write(f"{started:.6f},{seconds:.6f},{name},{int(ok)}\n")
+
+
+events.spawning_complete.add_listener(_measure_from_here)  # type: ignore[no-untyped-call]
+events.test_stop.add_listener(_write_timings)  # type: ignore[no-untyped-call]
+
+
+class RelyingPartyWithPhone(FastHttpUser):
+    """One relying-party backend session and one enrolled phone, transacting back to back."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        self.authorization = {"Authorization": f"Bearer {ACCESS_KEY}"}
+        self.base = self.host or ""
+        self.jwks = httpx.get(f"{self.base}/.well-known/jwks.json").json()
+        self.username, self.phone, self.phone_id = self._enrol_outside_the_measurement()
+        weights = MIX if SCENARIO == "mixed" else {SCENARIO: 1}
+        self.scenarios: list[Callable[[], None]] = [getattr(self, name) for name in weights]
+        self.weights = list(weights.values())
+
+    def _enrol_outside_the_measurement(self) -> tuple[str, Authenticator, Any]:
+        username = f"load-{secrets.token_hex(6)}"
+        with Client(self.base, ACCESS_KEY) as client:
+            started = client.enroll(username=username)
+            phone = Device(self.base)
+            try:
+                phone.enroll(started.enrollment.app_link_uri)
+            finally:
+                phone.close()
+        return username, phone.authenticator, phone.authenticator_id
+
+    @task
+    def transact(self) -> None:
+        scenario = random.choices(self.scenarios, self.weights)[0]
+        began, started_at = time.perf_counter(), time.time()
+        error: Exception | None = None
+        try:
+            scenario()
+        except Exception as exc:  # any failure is the transaction's failure
+            error = exc
+        seconds = time.perf_counter() - began
+        name = scenario.__name__
+        _timings.append((started_at, seconds, name, error is None))
+        self.environment.events.request.fire(
+            request_type="SCA",
+            name=name,
+            response_time=seconds * 1000,
+            response_length=0,
+            exception=error,
+            context={},
+        )
+
+    # -- the scenarios ----------------------------------------------------------------------
+
+    def login(self) -> None:
+        self._approve({"username": self.username, "message": "Log in to Demo Bank"})
+
+    def payment(self) -> None:
+        amount = f"{random.randint(1, 99999) / 100:.2f}"
+        self._approve(
+            {
+                "username": self.username,
+                "message": f"Pay {amount} EUR to Coffee Shop",
+                "amount": amount,
+                "currency": "EUR",
+                "payee": SHOP,
+            }
+        )
+
+    def decline(self) -> None:
+        self._approve({"username": self.username, "message": "Log in?"}, decision=Decision.DECLINE)
+
+    def consent(self) -> None:
+        text = f"I agree to the terms, version {random.randint(1, 50)}."
+        status = self._approve({"username": self.username, "text": text}, path="/api/v1/signature")
+        consent = status.consent or ""
+        key = jwt.PyJWKSet.from_dict(self.jwks)[jwt.get_unverified_header(consent)["kid"]]
+        claims = jwt.decode(consent, key=key, algorithms=["ES256"], options={"verify_aud": False})
+        if claims["consent"]["text"] != text:
+            raise TransactionFailed("the consent JWT does not hold the text signed")
+
+    def enrolment(self) -> None:
+        response = self._post(
+            "/api/v1/users/enroll", {"username": f"load-{secrets.token_hex(6)}"}, self.authorization
+        )
+        enrolled = _enrolled.decode(response)
+        token = Device.dispatch_token(enrolled.enrollment.app_link_uri)
+        redeemed = _device_operation.decode(
+            self._post("/device/v1/redeem", {"dispatchToken": token}, {})
+        )
+        phone = Authenticator()
+        signed = phone.answer(redeemed)
+        body = _answer_body(signed)
+        self._post(
+            f"/device/v1/operations/{redeemed.id}/answer",
+            body,
+            {"Authorization": f"Bearer {token}"},
+            name="POST /device/v1/operations/[id]/answer",
+        )
+        self._final_status(enrolled.enrollment.status_token, expected="succeeded")
+
+    # -- the parts ------------------------------------------------------------------------
+
+    def _approve(
+        self,
+        request: dict[str, Any],
+        *,
+        path: str = "/api/v1/approval",
+        decision: Decision = Decision.APPROVE,
+    ) -> wire.Status:
+        started = _started.decode(self._post(path, request, self.authorization))
+        operation = self._fetch(started.transaction_id)
+        signed = self.phone.answer(operation, decision=decision)
+        answer_path = f"/device/v1/operations/{operation.id}/answer"
+        body = msgspec.json.encode(_answer_body(signed))
+        headers = {
+            "Content-Type": "application/json",
+            **sign_headers(
+                authenticator_id=self.phone_id,
+                signer=self.phone,
+                method="POST",
+                path=answer_path,
+                body=body,
+            ),
+        }
+        with self.client.post(
+            answer_path,
+            data=body.decode(),
+            headers=headers,
+            name="POST /device/v1/operations/[id]/answer",
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                raise TransactionFailed(f"answer refused: HTTP {response.status_code}")
+        expected = "succeeded" if decision is Decision.APPROVE else "failed"
+        return self._final_status(started.status_token, expected=expected)
+
+    def _fetch(self, transaction_id: Any) -> wire.DeviceOperation:
+        path = "/device/v1/operations"
+        headers = sign_headers(
+            authenticator_id=self.phone_id, signer=self.phone, method="GET", path=path, body=b""
+        )
+        with self.client.get(path, headers=headers, catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                raise TransactionFailed(f"fetch refused: HTTP {response.status_code}")
+            pending = _pending.decode(response.content)
+        for operation in pending.operations:
+            if operation.id == transaction_id:
+                return operation
+        raise TransactionFailed("the phone did not find its transaction")
+
+    def _final_status(self, status_token: str, *, expected: str) -> wire.Status:
+        for _ in range(20):
+            status = _status.decode(
+                self._post("/api/v1/status", {"statusToken": status_token, "wait": 10}, {})
+            )
+            if status.status != "pending":
+                break
+        if status.status != expected:
+            raise TransactionFailed(f"ended {status.status} ({status.reason}), not {expected}")
+        return status
+
+    def _post(
+        self, path: str, document: Any, headers: dict[str, str], *, name: str | None = None
+    ) -> bytes:
+        body = msgspec.json.encode(document)
+        with self.client.post(
+            path,
+            data=body.decode(),
+            headers={"Content-Type": "application/json", **headers},
+            name=name or f"POST {path}",
+            catch_response=True,
+        ) as response:
+            if not 200 <= response.status_code < 300:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                raise TransactionFailed(f"{path}: HTTP {response.status_code}")
+            return bytes(response.content)
+
+
+def _answer_body(signed: Any) -> dict[str, Any]:
+    document: dict[str, Any] = msgspec.to_builtins(
+        wire.Answer(
+            decision=signed.decision,
+            user_verification=signed.user_verification,
+            counter=signed.counter,
+            signature=signed.signature,
+            public_key=signed.public_key,
+            name=signed.device_name,
+            platform=signed.platform,
+        )
+    )
+    return document

@@ -1,0 +1,342 @@
+"""``make loadtest``: run a Locust scenario headless against tapsign and write a report.
+
+Starts a server (SQLite and SoftHSM2 in a scratch directory, like ``make run``) unless
+``--url`` names one, runs Locust for a bounded time against it, samples the server's CPU
+and resident memory every second, and writes into ``loadtests/reports/<timestamp>/``:
+Locust's CSVs and HTML report, ``timings.csv`` (every transaction, exact),
+``chart.png`` (transactions/s and p50/p95/p99 over time) and ``summary.json``. Prints one
+summary line. See loadtests/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = _options(argv)
+    report = ROOT / "loadtests" / "reports" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    report.mkdir(parents=True)
+    server = None
+    try:
+        if options.url:
+            url, access_key, pid = options.url.rstrip("/"), options.access_key, None
+            if not access_key:
+                print("--url needs --access-key (or TAPSIGN_LOADTEST_ACCESS_KEY)", file=sys.stderr)
+                return 2
+        else:
+            server, url, access_key = _start_server(report / "server", options.server_workers)
+            pid = server.pid
+        summary = _run(options, report, url, access_key, pid)
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    (report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"{summary['scenario']}: {summary['transactions_per_second']:.0f} tx/s "
+        f"(p50 {summary['latency_ms']['p50']:.0f} ms, p95 {summary['latency_ms']['p95']:.0f} ms, "
+        f"p99 {summary['latency_ms']['p99']:.0f} ms), {summary['http_requests_per_second']:.0f} "
+        f"HTTP req/s, {summary['failed_transactions']} failed transactions, "
+        f"{summary['http_errors']} HTTP errors, "
+        f"server CPU {summary['server']['cpu_cores_mean']:.2f} cores, "
+        f"RSS {summary['server']['rss_mib_max']:.0f} MiB -> {report.relative_to(ROOT)}"
+    )
+    return 0 if summary["failed_transactions"] == 0 and summary["http_errors"] == 0 else 1
+
+
+def _options(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--scenario",
+        default="mixed",
+        choices=["mixed", "enrolment", "login", "payment", "consent", "decline"],
+    )
+    parser.add_argument("--users", type=int, default=32)
+    parser.add_argument("--spawn-rate", type=float, default=16)
+    parser.add_argument("--duration", default="60s", help="Locust --run-time, e.g. 60s, 10m")
+    parser.add_argument("--url", help="an existing server; none: start one")
+    parser.add_argument("--access-key", default=os.environ.get("TAPSIGN_LOADTEST_ACCESS_KEY"))
+    parser.add_argument(
+        "--server-workers", type=int, default=1, help="workers of the started server"
+    )
+    parser.add_argument("--locust-processes", type=int, default=1, help="Locust worker processes")
+    return parser.parse_args(argv)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _start_server(directory: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, str]:
+    directory.mkdir()
+    tapsign = str(BIN / "tapsign")
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith(("TAPSIGN_", "SOFTHSM2_"))
+    }
+    subprocess.run(  # noqa: S603 - our own scripts
+        [str(ROOT / "softhsm-config" / "init-token.sh"), "var", tapsign],
+        cwd=directory,
+        env=environment,
+        check=True,
+        capture_output=True,
+    )
+    created = subprocess.run(  # noqa: S603
+        [tapsign, "keys", "create", "--name", "loadtest", "--json"],
+        cwd=directory,
+        env=environment,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    access_key = json.loads(created.stdout)["accessKey"]
+    port = _free_port()
+    log = (directory / "server.log").open("w")
+    server = subprocess.Popen(  # noqa: S603
+        [tapsign, "serve", "--port", str(port), "--workers", str(workers)],
+        cwd=directory,
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return server, url, access_key
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the server did not start: see {directory / 'server.log'}")
+        time.sleep(0.2)
+
+
+def _process_tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def _sample(pid: int) -> tuple[float, int]:
+    """CPU seconds used so far and resident bytes, over ``pid`` and its descendants."""
+    cpu, rss = 0.0, 0
+    for member in _process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu += (int(fields[11]) + int(fields[12])) / TICKS
+        rss += int(fields[21]) * PAGE
+    return cpu, rss
+
+
+def _run(
+    options: argparse.Namespace, report: Path, url: str, access_key: str, pid: int | None
+) -> dict[str, Any]:
+    environment = {
+        **os.environ,
+        "TAPSIGN_LOADTEST_ACCESS_KEY": access_key,
+        "TAPSIGN_LOADTEST_SCENARIO": options.scenario,
+        "TAPSIGN_LOADTEST_TIMINGS": str(report / "timings"),
+    }
+    command = [
+        str(BIN / "locust"),
+        "-f",
+        str(ROOT / "loadtests" / "locustfile.py"),
+        "--headless",
+        "-u",
+        str(options.users),
+        "-r",
+        str(options.spawn_rate),
+        "--run-time",
+        options.duration,
+        "--host",
+        url,
+        "--csv",
+        str(report / "locust"),
+        "--html",
+        str(report / "locust.html"),
+        "--reset-stats",
+        "--only-summary",
+        "--stop-timeout",
+        "15",
+    ]
+    if options.locust_processes > 1:
+        command += ["--processes", str(options.locust_processes)]
+    samples: list[tuple[float, float, int]] = []
+    locust = subprocess.Popen(  # noqa: S603 - our own command line
+        command,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    while locust.poll() is None:
+        if pid is not None:
+            samples.append((time.time(), *_sample(pid)))
+        time.sleep(1)
+    (report / "locust.log").write_bytes(locust.stdout.read() if locust.stdout else b"")
+    timings = _merge_timings(report)
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text if _alive(url) else ""
+    return _summary(options, report, timings, samples, metrics)
+
+
+def _alive(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _merge_timings(report: Path) -> list[tuple[float, float, str, bool]]:
+    rows = []
+    for part in sorted(report.glob("timings.*")):
+        for started, seconds, name, ok in csv.reader(part.read_text().splitlines()):
+            rows.append((float(started), float(seconds), name, ok == "1"))
+        part.unlink()
+    rows.sort()
+    with (report / "timings.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["started", "seconds", "scenario", "ok"])
+        writer.writerows(rows)
+    return rows
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def _summary(
+    options: argparse.Namespace,
+    report: Path,
+    timings: list[tuple[float, float, str, bool]],
+    samples: list[tuple[float, float, int]],
+    metrics: str,
+) -> dict[str, Any]:
+    ok = [seconds * 1000 for _, seconds, _, good in timings if good]
+    failed = sum(1 for *_, good in timings if not good)
+    window = (
+        (max(s + d for s, d, _, _ in timings) - min(s for s, *_ in timings)) if timings else 1.0
+    )
+    http_requests, http_errors = 0, 0
+    stats = report / "locust_stats.csv"
+    if stats.exists():
+        for row in csv.DictReader(stats.read_text().splitlines()):
+            if row["Type"] not in ("SCA", "") and row["Name"] != "Aggregated":
+                http_requests += int(row["Request Count"])
+                http_errors += int(row["Failure Count"])
+    cpu = [
+        (later[1] - earlier[1]) / (later[0] - earlier[0])
+        for earlier, later in itertools.pairwise(samples)
+        if later[0] > earlier[0]
+    ]
+    verifier = {
+        line.split("{")[0].split(" ")[0].removeprefix("tapsign_verifier_"): float(
+            line.rsplit(" ", 1)[1]
+        )
+        for line in metrics.splitlines()
+        if line.startswith("tapsign_verifier_")
+    }
+    _chart(report, timings)
+    by_scenario: dict[str, int] = {}
+    for _, _, name, good in timings:
+        by_scenario[name] = by_scenario.get(name, 0) + int(good)
+    return {
+        "scenario": options.scenario,
+        "users": options.users,
+        "duration": options.duration,
+        "machine_cores": os.cpu_count(),
+        "transactions": len(ok),
+        "transactions_by_scenario": by_scenario,
+        "failed_transactions": failed,
+        "transactions_per_second": len(ok) / window,
+        "latency_ms": {
+            "p50": _percentile(ok, 0.50),
+            "p95": _percentile(ok, 0.95),
+            "p99": _percentile(ok, 0.99),
+            "max": max(ok, default=0.0),
+        },
+        "http_requests": http_requests,
+        "http_requests_per_second": http_requests / window,
+        "http_errors": http_errors,
+        "server": {
+            "cpu_cores_mean": sum(cpu) / len(cpu) if cpu else 0.0,
+            "rss_mib_max": max((rss for *_, rss in samples), default=0) / 2**20,
+            "rss_mib_last": samples[-1][2] / 2**20 if samples else 0.0,
+        },
+        "verifier": verifier,
+    }
+
+
+def _chart(report: Path, timings: list[tuple[float, float, str, bool]]) -> None:
+    if not timings:
+        return
+    import matplotlib  # only the report needs it
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    start = timings[0][0]
+    buckets: dict[int, list[float]] = {}
+    for started, seconds, _, good in timings:
+        if good:
+            buckets.setdefault(int(started + seconds - start), []).append(seconds * 1000)
+    seconds_axis = sorted(buckets)
+    figure, (rate, latency) = pyplot.subplots(2, 1, figsize=(10, 7), sharex=True)
+    rate.plot(seconds_axis, [len(buckets[s]) for s in seconds_axis], color="tab:blue")
+    rate.set_ylabel("transactions / s")
+    rate.set_title("tapsign: complete SCA transactions")
+    for fraction, colour in ((0.5, "tab:green"), (0.95, "tab:orange"), (0.99, "tab:red")):
+        latency.plot(
+            seconds_axis,
+            [_percentile(buckets[s], fraction) for s in seconds_axis],
+            label=f"p{round(fraction * 100)}",
+            color=colour,
+        )
+    latency.set_ylabel("latency (ms)")
+    latency.set_xlabel("seconds since the measured phase began")
+    latency.legend()
+    figure.tight_layout()
+    figure.savefig(report / "chart.png", dpi=100)
+    pyplot.close(figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
