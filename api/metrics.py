@@ -11,6 +11,7 @@ def metrics_text(engine: Engine) -> str:
     supervisor = engine.supervisor.statistics()
     callbacks = engine.callbacks.statistics()
     pool = engine.store.engine.pool
+    store = engine.store.statistics()
     backend = f'backend="{verifier.backend}"'
     rows: list[tuple[str, str, str, float, str]] = [
         (
@@ -138,6 +139,34 @@ def metrics_text(engine: Engine) -> str:
             "counter",
             "Callbacks given up",
             callbacks.given_up,
+            "",
+        ),
+        (
+            "tapsign_database_write_groups_total",
+            "counter",
+            "Transactions of grouped writes",
+            store.groups,
+            "",
+        ),
+        (
+            "tapsign_database_grouped_writes_total",
+            "counter",
+            "Units of work in them",
+            store.grouped_writes,
+            "",
+        ),
+        (
+            "tapsign_database_largest_write_group",
+            "gauge",
+            "Most units in one transaction",
+            store.largest_group,
+            "",
+        ),
+        (
+            "tapsign_database_queued_writes",
+            "gauge",
+            "Units waiting for the writer",
+            store.queued_writes,
             "",
         ),
         (

@@ -132,6 +132,8 @@ async def record_refusal(services: Services, error: Unauthorized | Forbidden, ac
     reason = error.reason if isinstance(error, Unauthorized) else str(error)
     security.warning("refused %s %s: %s (%s)", request.method, request.path, reason, actor)
     now = services.clock()
+    # Read the request here: the unit runs in the database writer's thread, outside it.
+    detail = f"{request.method} {request.path}: {reason}"[:300]
 
     def append(connection: Connection) -> None:
         db.append_audit(
@@ -140,7 +142,7 @@ async def record_refusal(services: Services, error: Unauthorized | Forbidden, ac
             actor=actor,
             action="auth.refused",
             outcome="refused",
-            reason=f"{request.method} {request.path}: {reason}"[:300],
+            reason=detail,
         )
 
     await services.engine.store.write(append)

@@ -283,9 +283,8 @@ class OperationActor:
     async def _dispatch(self) -> Operation:
         await self._expire_if_due()
         transition = self._transition(Dispatch())
-        if Effect.PERSIST not in transition.effects:
-            return self.operation
-        return await self._commit(transition, actor=f"device:{self.operation.device_id}")
+        self.operation = msgspec.structs.replace(self.operation, phase=transition.state.phase)
+        return self.operation
 
     async def _end(self, event: Cancel | Expire) -> Operation:
         transition = self._transition(event)

@@ -6,7 +6,8 @@ An operation (registration, authentication, authorisation or signature) is creat
 relying party and lives until it succeeds, fails, is cancelled or expires:
 
 * ``created`` -- stored, waiting for the phone;
-* ``dispatched`` -- the phone has fetched it (it may fetch again);
+* ``dispatched`` -- the phone has fetched it (it may fetch again); kept in the actor's
+  memory, not stored;
 * ``responded`` -- an answer arrived and is being judged: device and user checked, then
   the signature verified. Exactly one answer gets here: the challenge is accepted once
   (PSD2 RTS art. 4(1)); a second answer, or a replay, is an illegal event;
@@ -112,7 +113,9 @@ _ENDED = (Effect.PERSIST, Effect.CALLBACK, Effect.NOTIFY)
 
 
 def _dispatch(state: State, event: Event) -> Transition:
-    return Transition(State(Phase.DISPATCHED), (Effect.PERSIST, Effect.NOTIFY))
+    # Kept by the actor only: the relying party, the audit trail and a restart need nothing
+    # from it, and not storing it saves a write per operation.
+    return Transition(State(Phase.DISPATCHED), ())
 
 
 def _redispatch(state: State, event: Event) -> Transition:

@@ -1,6 +1,7 @@
 """The engine as one service: store, identity, supervisor, callbacks and the verifier.
 
-``Engine.run`` migrates the database, then starts, in one nursery, the batched verifier,
+``Engine.run`` migrates the database, then starts, in one nursery, the store's grouped
+writer, the batched verifier,
 the callback deliverer (which queues what the outbox still holds) and the supervisor
 (which resumes the stored pending operations). The API holds an ``Engine`` and talks to
 ``engine.identity`` for users and devices and to ``engine.supervisor`` for operations.
@@ -64,6 +65,7 @@ class Engine:
         await trio.to_thread.run_sync(self.store.migrate)
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.store.run)
                 await nursery.start(self.verifier.run)
                 await nursery.start(self.callbacks.run)
                 await nursery.start(self.supervisor.run)

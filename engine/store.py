@@ -17,6 +17,7 @@ Consistency rules kept here:
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import msgspec
+import outcome
 import sqlalchemy as sa
 import trio
 from alembic import command
@@ -68,6 +70,27 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
+#: The most units of work committed together.
+GROUP_LIMIT = 256
+
+
+class StoreStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    queued_writes: int
+    #: Transactions the grouped writer committed, and the units of work they held.
+    groups: int
+    grouped_writes: int
+    largest_group: int
+
+
+class _Unit:
+    __slots__ = ("done", "result", "work")
+
+    def __init__(self, work: Callable[[Connection], Any]) -> None:
+        self.work = work
+        self.done = trio.Event()
+        self.result: outcome.Outcome[Any] | None = None
+
+
 class Store:
     """The database, its connection pool and the threads that talk to it."""
 
@@ -89,6 +112,11 @@ class Store:
                 self.url, pool_size=settings.pool_size, max_overflow=0, pool_pre_ping=True
             )
         self._limiter = trio.CapacityLimiter(settings.pool_size)
+        self._queue: deque[_Unit] | None = None
+        self._pending = trio.lowlevel.ParkingLot()
+        self._groups = 0
+        self._grouped = 0
+        self._largest_group = 0
 
     def migrate(self) -> None:
         """Create or upgrade the schema to the newest migration (idempotent)."""
@@ -107,17 +135,85 @@ class Store:
                     connection = connection.execution_options(tapsign_write=True)
                 with connection.begin():
                     yield connection
+                    _write_audit_head(connection)
         except sa.exc.OperationalError as exc:
             # The database went away or is locked beyond the timeout: retry later.
             log.warning("database unavailable: %s", type(exc.orig).__name__)
             raise ServiceUnavailable("the database is unavailable", retry_after=1.0) from exc
 
     async def write(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in one write transaction, in a worker thread."""
-        return await trio.to_thread.run_sync(self._run, work, True, limiter=self._limiter)
+        """Run ``work`` in a write transaction, in a worker thread; committed on return.
+
+        While :meth:`run` serves, units of work are grouped: the writer runs everything
+        queued in one transaction, each unit in a savepoint of its own (a unit that fails
+        is rolled back alone and gets its error), and commits once. One commit, one fsync,
+        for a whole group: the terminal state of every operation in it is durable before
+        any of their callers hears back.
+        """
+        if self._queue is None:
+            return await trio.to_thread.run_sync(self._run, work, True, limiter=self._limiter)
+        unit = _Unit(work)
+        self._queue.append(unit)
+        if self._pending:
+            self._pending.unpark()
+        await unit.done.wait()
+        assert unit.result is not None  # noqa: S101 - set before done
+        return unit.result.unwrap()  # type: ignore[no-any-return]
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         return await trio.to_thread.run_sync(self._run, work, False, limiter=self._limiter)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve grouped writes until cancelled (then :meth:`write` works unit by unit)."""
+        self._queue = deque()
+        task_status.started()
+        try:
+            while True:
+                if not self._queue:
+                    await self._pending.park()
+                    continue
+                group = [self._queue.popleft() for _ in range(min(len(self._queue), GROUP_LIMIT))]
+                self._groups += 1
+                self._grouped += len(group)
+                self._largest_group = max(self._largest_group, len(group))
+                with trio.CancelScope(shield=True):  # a group, once begun, is committed
+                    await trio.to_thread.run_sync(self._commit_group, group, limiter=self._limiter)
+                for unit in group:
+                    unit.done.set()
+        finally:
+            queued, self._queue = self._queue, None
+            stopped = ServiceUnavailable("the database writer stopped", retry_after=1.0)
+            for unit in queued:
+                unit.result = outcome.Error(stopped)
+                unit.done.set()
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            queued_writes=len(self._queue or ()),
+            groups=self._groups,
+            grouped_writes=self._grouped,
+            largest_group=self._largest_group,
+        )
+
+    def _commit_group(self, group: list[_Unit]) -> None:
+        try:
+            with self.transaction(write=True) as connection:
+                for unit in group:
+                    head: _AuditHead | None = connection.info.get(_AUDIT)
+                    saved = None if head is None else (head.seq, head.hash)
+                    try:
+                        with connection.begin_nested():
+                            unit.result = outcome.Value(unit.work(connection))
+                    except Exception as exc:
+                        # The unit's savepoint is rolled back: so are its audit entries.
+                        unit.result = outcome.Error(exc)
+                        if head is None or saved is None:
+                            connection.info.pop(_AUDIT, None)
+                        else:
+                            head.seq, head.hash = saved
+        except Exception as exc:
+            for unit in group:
+                unit.result = outcome.Error(exc)
 
     def _run(self, work: Callable[[Connection], T], write: bool) -> T:
         with self.transaction(write=write) as connection:
@@ -503,6 +599,39 @@ def record_delivery(
 # -- audit ------------------------------------------------------------------------------
 
 
+class _AuditHead:
+    """The newest ``(seq, hash)`` of the chain, read once per transaction and written back
+    once, when the transaction commits (:meth:`Store.transaction`)."""
+
+    __slots__ = ("hash", "seq")
+
+    def __init__(self, seq: int, digest: bytes) -> None:
+        self.seq, self.hash = seq, digest
+
+
+def _audit_head(connection: Connection) -> _AuditHead:
+    head = connection.info.get(_AUDIT)
+    if head is None:
+        row = connection.execute(
+            sa.select(audit_head.c.seq, audit_head.c.hash)
+            .where(audit_head.c.id == 1)
+            .with_for_update()
+        ).one()
+        head = connection.info[_AUDIT] = _AuditHead(row.seq, bytes(row.hash))
+    return head
+
+
+def _write_audit_head(connection: Connection) -> None:
+    head = connection.info.pop(_AUDIT, None)
+    if head is not None:
+        connection.execute(
+            audit_head.update().where(audit_head.c.id == 1).values(seq=head.seq, hash=head.hash)
+        )
+
+
+_AUDIT = "tapsign.audit-head"
+
+
 def append_audit(
     connection: Connection,
     *,
@@ -515,10 +644,12 @@ def append_audit(
     device_id: UUID | None = None,
     reason: str | None = None,
 ) -> AuditEntry:
-    """Append an entry to the hash chain, in the caller's transaction."""
-    head = connection.execute(
-        sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
-    ).one()
+    """Append an entry to the hash chain, in the caller's transaction.
+
+    The head row is locked when the transaction first appends (``FOR UPDATE`` on
+    PostgreSQL; SQLite write transactions are ``IMMEDIATE``) and written once, at commit.
+    """
+    head = _audit_head(connection)
     entry = AuditEntry(
         seq=head.seq + 1,
         at=at,
@@ -529,7 +660,7 @@ def append_audit(
         device_id=device_id,
         outcome=outcome,
         reason=reason,
-        prev_hash=bytes(head.hash),
+        prev_hash=head.hash,
     )
     entry_hash = audit.entry_hash(entry, entry.prev_hash)
     connection.execute(
@@ -547,9 +678,7 @@ def append_audit(
             hash=entry_hash,
         )
     )
-    connection.execute(
-        audit_head.update().where(audit_head.c.id == 1).values(seq=entry.seq, hash=entry_hash)
-    )
+    head.seq, head.hash = entry.seq, entry_hash
     return msgspec.structs.replace(entry, hash=entry_hash)
 
 

@@ -122,10 +122,10 @@ async def test_authentication_and_the_status_waiter(engine: Engine) -> None:
         await trio.testing.wait_all_tasks_blocked()
         fetched = await engine.supervisor.dispatch(operation.id, device_id)
         assert fetched.phase is Phase.DISPATCHED
-    assert woken[0].version == operation.version + 1
-
-    result = await engine.supervisor.answer(operation.id, phone.answer(fetched))
-    assert result.operation.phase is Phase.SUCCEEDED
+        assert (fetched.version, woken) == (operation.version, [])  # not stored, no wake-up
+        result = await engine.supervisor.answer(operation.id, phone.answer(fetched))
+        assert result.operation.phase is Phase.SUCCEEDED
+    assert woken == [result.operation]
     assert (await engine.supervisor.get(operation.id)).phase is Phase.SUCCEEDED
     device = await engine.identity.get_device(device_id)
     assert device.counter == 2

@@ -67,11 +67,7 @@ def test_terminal_phases_accept_nothing() -> None:
 @pytest.mark.parametrize(
     ("phase", "event", "expected"),
     [
-        (
-            Phase.CREATED,
-            Dispatch(),
-            Transition(State(Phase.DISPATCHED), (Effect.PERSIST, Effect.NOTIFY)),
-        ),
+        (Phase.CREATED, Dispatch(), Transition(State(Phase.DISPATCHED), ())),
         (Phase.DISPATCHED, Dispatch(), Transition(State(Phase.DISPATCHED), ())),
         (Phase.CREATED, Answer(), Transition(State(Phase.RESPONDED), (Effect.VERIFY,))),
         (Phase.DISPATCHED, Answer(), Transition(State(Phase.RESPONDED), (Effect.VERIFY,))),
@@ -136,7 +132,7 @@ class PhoneAndRelyingParty:
 
 def test_a_payment_approved_after_two_fetches() -> None:
     pair = PhoneAndRelyingParty()
-    assert pair.send(Dispatch(), State(Phase.DISPATCHED)) == (Effect.PERSIST, Effect.NOTIFY)
+    assert pair.send(Dispatch(), State(Phase.DISPATCHED)) == ()
     assert pair.send(Dispatch(), State(Phase.DISPATCHED)) == ()
     assert pair.send(Answer(), State(Phase.RESPONDED)) == (Effect.VERIFY,)
     effects = pair.send(Verdict(succeeded=True, verified=True), State(Phase.SUCCEEDED))

@@ -1,0 +1,69 @@
+"""The store's grouped writer: many units, one transaction, each unit on its own."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import trio
+import trio.testing
+from sqlalchemy.engine import Connection
+
+from engine import audit
+from engine import store as db
+from engine.errors import UsernameTaken
+from engine.store import Store
+
+
+async def test_units_commit_together_and_fail_alone(store: Store) -> None:
+    now = datetime.now(UTC)
+
+    def unit(index: int) -> object:
+        def work(connection: Connection) -> int:
+            db.append_audit(connection, at=now, actor="test", action=f"unit.{index}", outcome="ok")
+            if index % 4 == 3:
+                raise UsernameTaken(f"unit {index} fails")
+            return index
+
+        return work
+
+    results: dict[int, object] = {}
+
+    async def write(index: int) -> None:
+        try:
+            results[index] = await store.write(unit(index))  # type: ignore[arg-type]
+        except UsernameTaken as exc:
+            results[index] = str(exc)
+
+    async with trio.open_nursery() as service:
+        await service.start(store.run)
+        async with trio.open_nursery() as writers:
+            for index in range(16):
+                writers.start_soon(write, index)
+        service.cancel_scope.cancel()
+
+    assert results == {i: (f"unit {i} fails" if i % 4 == 3 else i) for i in range(16)}
+    statistics = store.statistics()
+    assert statistics.grouped_writes == 16
+    assert statistics.groups < 16  # grouped: fewer commits than units
+    entries, head_seq, head_hash = await store.read(db.read_audit)
+    # The failing units' audit entries went with their savepoints; the chain is whole.
+    assert sorted(entry.action for entry in entries) == sorted(
+        f"unit.{i}" for i in range(16) if i % 4 != 3
+    )
+    assert audit.verify_chain(entries, head_seq=head_seq, head_hash=head_hash) == []
+
+
+async def test_writes_without_the_writer_run_one_by_one(store: Store) -> None:
+    now = datetime.now(UTC)
+    await store.write(lambda c: db.append_audit(c, at=now, actor="t", action="a", outcome="ok"))
+    assert store.statistics().groups == 0
+    entries, head_seq, _ = await store.read(db.read_audit)
+    assert (len(entries), head_seq) == (1, 1)
+
+
+async def test_a_stopped_writer_fails_what_waits(store: Store) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        nursery.cancel_scope.cancel()
+    # Stopped: back to unit-by-unit writes.
+    assert await store.write(lambda connection: 7) == 7
