@@ -28,6 +28,7 @@ from engine.model import (
 )
 
 LONG_POLL_LIMIT = 30.0
+USERNAME_CACHE = 10_000
 
 
 def authenticator_view(device: Device) -> wire.Authenticator:
@@ -61,6 +62,7 @@ def register(app: Quart, services: Services) -> None:
     engine = services.engine
     identity = engine.identity
     supervisor = engine.supervisor
+    usernames: OrderedDict[UUID, str] = OrderedDict()
 
     def callback_url(call: Call, explicit: str | None) -> str | None:
         return explicit or (call.client.callback_url if call.client is not None else None)
@@ -135,10 +137,17 @@ def register(app: Quart, services: Services) -> None:
                 expires_at=services.clock() + RESULT_LIFETIME,
                 claims={"txn": str(operation.id), "kind": operation.kind.value},
             )
-        try:
-            username = (await identity.get_user(operation.user_id)).username
-        except UserNotFound:
-            username = None
+        username = usernames.get(operation.user_id)
+        if username is None:
+            try:
+                username = (await identity.get_user(operation.user_id)).username
+            except UserNotFound:
+                username = None
+            else:
+                # Usernames never change: remember the recent ones (a status poll each).
+                usernames[operation.user_id] = username
+                if len(usernames) > USERNAME_CACHE:
+                    usernames.popitem(last=False)
         return wire.Status(
             transaction_id=operation.id,
             status=status,  # type: ignore[arg-type] # pending, succeeded or failed here

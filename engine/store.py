@@ -283,17 +283,24 @@ def _user_values(user: User) -> dict[str, Any]:
     }
 
 
+# Statements are built once: building one per call costs more than running it.
+_INSERT_USER = users.insert()
+_USER_BY_ID = users.select().where(users.c.id == sa.bindparam("key"))
+_USER_BY_NAME = users.select().where(users.c.username == sa.bindparam("key"))
+_UPDATE_USER = users.update().where(users.c.id == sa.bindparam("key"))
+
+
 def insert_user(connection: Connection, user: User) -> None:
-    connection.execute(users.insert().values(_user_values(user)))
+    connection.execute(_INSERT_USER, _user_values(user))
 
 
 def get_user(connection: Connection, user_id: UUID) -> User | None:
-    row = connection.execute(users.select().where(users.c.id == user_id)).first()
+    row = connection.execute(_USER_BY_ID, {"key": user_id}).first()
     return None if row is None else _user(row)
 
 
 def find_user(connection: Connection, username: str) -> User | None:
-    row = connection.execute(users.select().where(users.c.username == username)).first()
+    row = connection.execute(_USER_BY_NAME, {"key": username}).first()
     return None if row is None else _user(row)
 
 
@@ -303,7 +310,7 @@ def username_taken(connection: Connection, username: str) -> bool:
 
 
 def update_user(connection: Connection, user: User) -> None:
-    connection.execute(users.update().where(users.c.id == user.id).values(_user_values(user)))
+    connection.execute(_UPDATE_USER, {"key": user.id, **_user_values(user)})
 
 
 def delete_user(connection: Connection, user_id: UUID) -> None:
@@ -346,26 +353,29 @@ def _device_values(device: Device) -> dict[str, Any]:
     }
 
 
+_INSERT_DEVICE = devices.insert()
+_DEVICE_BY_ID = devices.select().where(devices.c.id == sa.bindparam("key"))
+_DEVICES_OF_USER = (
+    devices.select().where(devices.c.user_id == sa.bindparam("key")).order_by(devices.c.enrolled_at)
+)
+_UPDATE_DEVICE = devices.update().where(devices.c.id == sa.bindparam("key"))
+
+
 def insert_device(connection: Connection, device: Device) -> None:
-    connection.execute(devices.insert().values(_device_values(device)))
+    connection.execute(_INSERT_DEVICE, _device_values(device))
 
 
 def get_device(connection: Connection, device_id: UUID) -> Device | None:
-    row = connection.execute(devices.select().where(devices.c.id == device_id)).first()
+    row = connection.execute(_DEVICE_BY_ID, {"key": device_id}).first()
     return None if row is None else _device(row)
 
 
 def list_devices(connection: Connection, user_id: UUID) -> list[Device]:
-    rows = connection.execute(
-        devices.select().where(devices.c.user_id == user_id).order_by(devices.c.enrolled_at)
-    )
-    return [_device(row) for row in rows]
+    return [_device(row) for row in connection.execute(_DEVICES_OF_USER, {"key": user_id})]
 
 
 def update_device(connection: Connection, device: Device) -> None:
-    connection.execute(
-        devices.update().where(devices.c.id == device.id).values(_device_values(device))
-    )
+    connection.execute(_UPDATE_DEVICE, {"key": device.id, **_device_values(device)})
 
 
 # -- operations -------------------------------------------------------------------------
@@ -456,12 +466,19 @@ def _operation_values(operation: Operation) -> dict[str, Any]:
     }
 
 
+_INSERT_OPERATION = operations.insert()
+_OPERATION_BY_ID = operations.select().where(operations.c.id == sa.bindparam("key"))
+_COMPARE_AND_SET = operations.update().where(
+    operations.c.id == sa.bindparam("key"), operations.c.version == sa.bindparam("expected")
+)
+
+
 def insert_operations(connection: Connection, batch: Sequence[Operation]) -> None:
-    connection.execute(operations.insert(), [_operation_values(operation) for operation in batch])
+    connection.execute(_INSERT_OPERATION, [_operation_values(operation) for operation in batch])
 
 
 def get_operation(connection: Connection, operation_id: UUID) -> Operation | None:
-    row = connection.execute(operations.select().where(operations.c.id == operation_id)).first()
+    row = connection.execute(_OPERATION_BY_ID, {"key": operation_id}).first()
     return None if row is None else _operation(row)
 
 
@@ -473,9 +490,8 @@ def update_operation(
     False means another actor or process changed it first: nothing was written.
     """
     result = connection.execute(
-        operations.update()
-        .where(operations.c.id == operation.id, operations.c.version == expected_version)
-        .values(_operation_values(operation))
+        _COMPARE_AND_SET,
+        {"key": operation.id, "expected": expected_version, **_operation_values(operation)},
     )
     return result.rowcount == 1
 
@@ -630,6 +646,7 @@ def _write_audit_head(connection: Connection) -> None:
 
 
 _AUDIT = "tapsign.audit-head"
+_INSERT_AUDIT = audit_log.insert()
 
 
 def append_audit(
@@ -664,19 +681,20 @@ def append_audit(
     )
     entry_hash = audit.entry_hash(entry, entry.prev_hash)
     connection.execute(
-        audit_log.insert().values(
-            seq=entry.seq,
-            at=at,
-            actor=actor,
-            action=action,
-            operation_id=operation_id,
-            user_id=user_id,
-            device_id=device_id,
-            outcome=outcome,
-            reason=reason,
-            prev_hash=entry.prev_hash,
-            hash=entry_hash,
-        )
+        _INSERT_AUDIT,
+        {
+            "seq": entry.seq,
+            "at": at,
+            "actor": actor,
+            "action": action,
+            "operation_id": operation_id,
+            "user_id": user_id,
+            "device_id": device_id,
+            "outcome": outcome,
+            "reason": reason,
+            "prev_hash": entry.prev_hash,
+            "hash": entry_hash,
+        },
     )
     head.seq, head.hash = entry.seq, entry_hash
     return msgspec.structs.replace(entry, hash=entry_hash)
