@@ -7,6 +7,7 @@ authenticators), so that an integrator can switch by changing the base URL.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from uuid import UUID
 
 import trio
