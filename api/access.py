@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from sqlalchemy.engine import Connection
 
+from api.recent import Recent
 from engine import store as db
 from engine.errors import InvalidInput, NotFound, Unauthorized
 from engine.model import Clock
@@ -34,6 +35,8 @@ class AccessKeys:
     def __init__(self, store: Store, *, clock: Clock) -> None:
         self._store = store
         self._clock = clock
+        #: Revocation reaches the other processes within this second (api/recent.py).
+        self._recent: Recent[str, AccessKeyRecord] = Recent(seconds=1.0, size=1024)
 
     async def create(
         self, *, name: str, scopes: Iterable[str] = SCOPES, callback_url: str | None = None
@@ -76,7 +79,13 @@ class AccessKeys:
         key_id, _, secret = rest.partition("_")
         if prefix != PREFIX or not key_id or not secret:
             raise Unauthorized("not an access key")
-        record = await self._store.read(lambda connection: db.get_access_key(connection, key_id))
+        record = self._recent.get(key_id)
+        if record is None:
+            record = await self._store.read(
+                lambda connection: db.get_access_key(connection, key_id)
+            )
+            if record is not None:
+                self._recent.put(key_id, record)
         # Compare even when the key is unknown, so that timing does not tell which it was.
         expected = record.secret_hash if record is not None else bytes(32)
         if not hmac.compare_digest(_digest(secret), expected) or record is None:
@@ -104,3 +113,4 @@ class AccessKeys:
             )
 
         await self._store.write(revoke)
+        self._recent.forget(key_id)

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from typing import Protocol
 from uuid import UUID
 
+from api.recent import Recent
 from engine.errors import NotFound, Unauthorized
 from engine.model import Clock, Device, DeviceStatus
 from engine.service import Engine
@@ -83,6 +84,8 @@ class DeviceRequests:
         self._engine = engine
         self._clock = clock
         self._nonces: OrderedDict[str, float] = OrderedDict()
+        #: Devices read in the last second (api/recent.py).
+        self._recent: Recent[UUID, Device] = Recent(seconds=1.0, size=10_000)
 
     async def authenticate(
         self, *, method: str, path: str, headers: Mapping[str, str], body: bytes
@@ -106,10 +109,13 @@ class DeviceRequests:
         self._forget_old(now)
         if nonce in self._nonces:
             raise Unauthorized("device request nonce used before (replay)")
-        try:
-            device = await self._engine.identity.get_device(device_id)
-        except NotFound as exc:
-            raise Unauthorized(f"unknown authenticator {device_id}") from exc
+        device = self._recent.get(device_id)
+        if device is None:
+            try:
+                device = await self._engine.identity.get_device(device_id)
+            except NotFound as exc:
+                raise Unauthorized(f"unknown authenticator {device_id}") from exc
+            self._recent.put(device_id, device)
         if device.status is DeviceStatus.DEACTIVATED:
             raise Unauthorized(f"deactivated authenticator {device_id}")
         message = canonical_request(method, path, timestamp, nonce, body)
