@@ -12,6 +12,7 @@ def metrics_text(engine: Engine) -> str:
     callbacks = engine.callbacks.statistics()
     pool = engine.store.engine.pool
     store = engine.store.statistics()
+    peers = engine.peers.statistics()
     backend = f'backend="{verifier.backend}"'
     rows: list[tuple[str, str, str, float, str]] = [
         (
@@ -104,6 +105,34 @@ def metrics_text(engine: Engine) -> str:
             "counter",
             "Operations resumed at start-up",
             supervisor.resumed,
+            "",
+        ),
+        (
+            "tapsign_operations_changed_elsewhere_total",
+            "counter",
+            "Operations with an actor here that another process changed",
+            supervisor.changed_elsewhere,
+            "",
+        ),
+        (
+            "tapsign_peer_notices_sent_total",
+            "counter",
+            "Changes announced to the other processes on this host",
+            peers.sent,
+            "",
+        ),
+        (
+            "tapsign_peer_notices_dropped_total",
+            "counter",
+            "Announcements a busy or failing peer could not take",
+            peers.dropped,
+            "",
+        ),
+        (
+            "tapsign_peer_notices_received_total",
+            "counter",
+            "Announcements received from the other processes",
+            peers.received,
             "",
         ),
         (

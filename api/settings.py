@@ -43,6 +43,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: Seconds without a byte from the client before the connection is dropped. Hypercorn
     #: applies it while a response is pending too, so it must exceed the 30 s long-poll.
     read_timeout_seconds: Annotated[float, msgspec.Meta(ge=35, le=300)] = 45.0
+    #: Where the worker processes on this host tell each other of changed transactions
+    #: (engine/peers.py).
+    peers_dir: str = "var/peers"
 
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
@@ -58,7 +61,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def engine(self) -> EngineSettings:
         return EngineSettings(
-            database=self.database, operations=self.operations, callbacks=self.callbacks
+            database=self.database,
+            operations=self.operations,
+            callbacks=self.callbacks,
+            peers_dir=self.server.peers_dir,
         )
 
 

@@ -17,6 +17,8 @@ failure count and the callback's outbox row), then wake status waiters and relea
 post-operation context. The terminal state is committed before anyone is told. If the
 compare-and-set fails another actor (this process or another one on the same database)
 changed the operation first: the actor reloads it and the loser gets a clean conflict.
+Every stored change is announced to the other processes on this host (engine/peers.py);
+one that holds an actor or a waiter for that operation reads it again.
 
 The deadline bounds the wait for a message, not the work on one: an answer that arrived
 in time is judged even if judging ends after the deadline. Nothing polls the database.
@@ -24,6 +26,7 @@ in time is judged even if judging ends after the deadline. Nothing polls the dat
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -85,6 +88,7 @@ from engine.operations import (
     precheck,
 )
 from engine.payload import b64url, signed_payload
+from engine.peers import Peers
 from engine.settings import MIN_SECONDS, PSD2_MAX_SECONDS, OperationSettings
 from engine.store import OutboxItem, Store
 from hsm import ecdsa
@@ -113,6 +117,7 @@ class Context:
     consent: TokenSigner
     callbacks: CallbackQueue
     dispatcher: Dispatcher
+    peers: Peers
     settings: OperationSettings
     clock: Clock
 
@@ -206,9 +211,13 @@ class OperationActor:
         if len(self._inbox) >= self.context.settings.inbox_size:
             raise Conflict("this transaction is busy with other requests; retry")
         self._inbox.append(message)
-        if self._parked is not None:
-            task, self._parked = self._parked, None
-            trio.lowlevel.reschedule(task)
+        self._wake()
+
+    def refresh(self, stored: Operation) -> None:
+        """Another process stored a newer version: take it, and end if it has ended."""
+        if stored.version > self.operation.version:
+            self._changed_to(stored)
+            self._wake()
 
     async def wait_for_change(self, version: int) -> Operation:
         """The operation once its version is past ``version`` (callers bound the wait)."""
@@ -220,11 +229,17 @@ class OperationActor:
 
     # -- the actor's side ------------------------------------------------------------------
 
-    async def _next_message(self) -> _Message:
+    async def _next_message(self) -> _Message | None:
+        """The next message; None when woken by :meth:`refresh` with nothing to read."""
         if not self._inbox:
             self._parked = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(self._unpark)
-        return self._inbox.pop(0)
+        return self._inbox.pop(0) if self._inbox else None
+
+    def _wake(self) -> None:
+        if self._parked is not None:
+            task, self._parked = self._parked, None
+            trio.lowlevel.reschedule(task)
 
     def _unpark(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._parked = None  # the deadline passed while waiting: nothing will wake us now
@@ -235,11 +250,14 @@ class OperationActor:
             while not self.operation.phase.terminal:
                 remaining = (self.operation.expires_at - self.context.clock()).total_seconds()
                 message = None
-                with trio.move_on_at(trio.current_time() + max(remaining, 0.0)):
+                with trio.move_on_at(trio.current_time() + max(remaining, 0.0)) as waiting:
                     message = await self._next_message()
-                if message is None:
-                    await self._end(Expire())
-                else:
+                if waiting.cancelled_caught:
+                    # Another process may have ended it first: then the operation is as
+                    # stored, and the loop ends.
+                    with contextlib.suppress(OperationNotPending):
+                        await self._end(Expire())
+                elif message is not None:
                     await self._process(message)
         finally:
             self._on_end(self)
@@ -348,6 +366,7 @@ class OperationActor:
                 self._changed_to(current)
             raise OperationNotPending(f"the transaction is {self.operation.status}")
         self._changed_to(after)
+        self.context.peers.announce(after.id, after.version)
         if items:
             self.context.callbacks.enqueue(items)
         return after
@@ -619,6 +638,17 @@ class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
     live_operations: int
     started: int
     resumed: int
+    changed_elsewhere: int
+
+
+class _Watch:
+    """Waiters here on an operation that no actor of this process owns."""
+
+    __slots__ = ("changed", "waiters")
+
+    def __init__(self) -> None:
+        self.changed = trio.Event()
+        self.waiters = 0
 
 
 class Supervisor:
@@ -627,9 +657,11 @@ class Supervisor:
     def __init__(self, context: Context) -> None:
         self.context = context
         self._actors: dict[UUID, OperationActor] = {}
+        self._watches: dict[UUID, _Watch] = {}
         self._nursery: trio.Nursery | None = None
         self._started = 0
         self._resumed = 0
+        self._changed_elsewhere = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Resume the stored pending operations, then supervise until cancelled."""
@@ -646,8 +678,28 @@ class Supervisor:
 
     def statistics(self) -> SupervisorStatistics:
         return SupervisorStatistics(
-            live_operations=len(self._actors), started=self._started, resumed=self._resumed
+            live_operations=len(self._actors),
+            started=self._started,
+            resumed=self._resumed,
+            changed_elsewhere=self._changed_elsewhere,
         )
+
+    def changed_elsewhere(self, operation_id: UUID, version: int) -> None:
+        """Another process stored ``version`` of the operation (engine/peers.py)."""
+        watch = self._watches.pop(operation_id, None)
+        if watch is not None:
+            watch.changed.set()
+        actor = self._actors.get(operation_id)
+        if actor is not None and actor.operation.version < version and self._nursery is not None:
+            self._changed_elsewhere += 1
+            self._nursery.start_soon(self._refresh, actor)
+
+    async def _refresh(self, actor: OperationActor) -> None:
+        stored = await self.context.store.read(
+            lambda connection: db.get_operation(connection, actor.operation.id)
+        )
+        if stored is not None:
+            actor.refresh(stored)
 
     def _spawn(self, operation: Operation) -> OperationActor:
         if self._nursery is None:
@@ -655,6 +707,9 @@ class Supervisor:
         actor = OperationActor(self.context, operation, on_end=self._forget)
         self._actors[operation.id] = actor
         self._nursery.start_soon(actor.run)
+        watch = self._watches.pop(operation.id, None)
+        if watch is not None:
+            watch.changed.set()  # its waiters now wait on the actor
         return actor
 
     def _forget(self, actor: OperationActor) -> None:
@@ -762,18 +817,30 @@ class Supervisor:
     async def wait(self, operation_id: UUID, *, version: int) -> Operation:
         """Return as soon as the operation's version passes ``version``.
 
-        Callers bound the wait with a cancel scope (long-poll), then read :meth:`get`. Only
-        an operation owned by an actor of this process can wake a waiter; one owned by
-        another process is read again when the caller's wait ends (no polling loop).
+        Callers bound the wait with a cancel scope (long-poll), then read :meth:`get`. An
+        operation owned by an actor of this process wakes its waiters itself; one owned by
+        another process is read again when that process announces a change (engine/peers.py).
         """
-        actor = self._actors.get(operation_id)
-        if actor is not None:
-            return await actor.wait_for_change(version)
-        operation = await self._stored(operation_id)
-        if operation.version > version or operation.phase.terminal:
-            return operation
-        await trio.sleep_forever()
-        raise AssertionError("unreachable")  # pragma: no cover
+        while True:
+            actor = self._actors.get(operation_id)
+            if actor is not None:
+                return await actor.wait_for_change(version)
+            watch = self._watches.get(operation_id)
+            if watch is None:
+                watch = self._watches[operation_id] = _Watch()
+            watch.waiters += 1
+            try:
+                # Watching before reading: a change announced meanwhile is not missed. The
+                # watch is set by a notice, or when an actor here takes the operation on.
+                operation = await self._stored(operation_id)
+                if operation.version > version or operation.phase.terminal:
+                    return operation
+                if operation_id not in self._actors:
+                    await watch.changed.wait()
+            finally:
+                watch.waiters -= 1
+                if watch.waiters == 0 and self._watches.get(operation_id) is watch:
+                    del self._watches[operation_id]
 
     async def _stored(self, operation_id: UUID) -> Operation:
         operation = await self.context.store.read(

@@ -2,8 +2,9 @@
 
 ``Engine.run`` migrates the database, then starts, in one nursery, the store's grouped
 writer, the batched verifier,
-the callback deliverer (which queues what the outbox still holds) and the supervisor
-(which resumes the stored pending operations). The API holds an ``Engine`` and talks to
+the callback deliverer (which queues what the outbox still holds), the supervisor
+(which resumes the stored pending operations) and the socket on which other processes
+announce changed operations (engine/peers.py). The API holds an ``Engine`` and talks to
 ``engine.identity`` for users and devices and to ``engine.supervisor`` for operations.
 """
 
@@ -21,6 +22,7 @@ from engine.callbacks import CallbackDeliverer
 from engine.dispatch import WebhookDispatcher
 from engine.identity import Identity
 from engine.model import Clock, User, utc_now
+from engine.peers import Peers
 from engine.settings import EngineSettings
 from engine.store import Store
 from hsm.keyring import KeyPurpose, Keyring
@@ -47,6 +49,7 @@ class Engine:
         self.callbacks = CallbackDeliverer(
             self.store, keyring, settings.callbacks, clock=clock, client=http_client
         )
+        self.peers = Peers(settings.peers_dir)
         self.supervisor = Supervisor(
             Context(
                 store=self.store,
@@ -55,6 +58,7 @@ class Engine:
                 consent=TokenSigner(keyring, KeyPurpose.CONSENT, issuer=issuer),
                 callbacks=self.callbacks,
                 dispatcher=WebhookDispatcher(),
+                peers=self.peers,
                 settings=settings.operations,
                 clock=clock,
             )
@@ -69,6 +73,7 @@ class Engine:
                 await nursery.start(self.verifier.run)
                 await nursery.start(self.callbacks.run)
                 await nursery.start(self.supervisor.run)
+                await nursery.start(self.peers.run, self.supervisor.changed_elsewhere)
                 task_status.started()
         finally:
             self.store.close()

@@ -48,3 +48,6 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     operations: OperationSettings = msgspec.field(default_factory=OperationSettings)
     callbacks: CallbackSettings = msgspec.field(default_factory=CallbackSettings)
+    #: Where the processes serving this database on this host find each other
+    #: (engine/peers.py); None: this process alone.
+    peers_dir: str | None = None

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,11 +52,11 @@ def _environment() -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@contextmanager
+def _serving(directory: Path, *, workers: int) -> Iterator[Server]:
+    """``tapsign serve`` in ``directory``, with its own token, database and access key."""
     if not Path(default_module()).is_file():
         pytest.skip("SoftHSM2 is not installed: run 'make test' to install it")
-    directory = tmp_path_factory.mktemp("server")
     environment = _environment()
     subprocess.run(  # noqa: S603
         [str(ROOT / "softhsm-config" / "init-token.sh"), "var", str(TAPSIGN)],
@@ -78,7 +79,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
     log = (directory / "server.log").open("w")
     process = subprocess.Popen(  # noqa: S603
-        [str(TAPSIGN), "serve", "--port", str(port)],
+        [str(TAPSIGN), "serve", "--port", str(port), "--workers", str(workers)],
         cwd=directory,
         env=environment,
         stdout=log,
@@ -101,6 +102,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with _serving(tmp_path_factory.mktemp("server"), workers=1) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server of two worker processes on one database (``tapsign serve --workers 2``)."""
+    with _serving(tmp_path_factory.mktemp("workers"), workers=2) as running:
+        yield running
 
 
 @pytest.fixture

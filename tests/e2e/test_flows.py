@@ -228,6 +228,29 @@ def test_long_poll_returns_when_the_status_changes(client: Client, phone: Device
     assert time.monotonic() - began < 29  # woken by the change, not by the 30 s limit
 
 
+def test_long_polls_end_at_once_whichever_worker_process_holds_them(two_workers: Server) -> None:
+    # Fresh connections each round, so that the long-poll and the answer land on either
+    # process; one that missed the other's notice would answer "pending" after 30 s.
+    for _ in range(6):
+        with Client(two_workers.url, two_workers.access_key) as client:
+            phone = Device(two_workers.url)
+            try:
+                username = enrolled(client, phone)
+                started = client.approve(username=username)
+                operation = only_pending(phone)
+                approver = threading.Timer(0.3, phone.approve, args=(operation,))
+                approver.start()
+                began = time.monotonic()
+                status = client.status(started.status_token, wait=30)
+                approver.join()
+            finally:
+                phone.close()
+        assert status.status == "succeeded"
+        assert time.monotonic() - began < 29
+    sockets = list((two_workers.directory / "var" / "peers").iterdir())
+    assert len(sockets) == 2  # one per worker process
+
+
 def test_channels_push_by_default_and_app_with_a_qr_code(client: Client, phone: Device) -> None:
     username = enrolled(client, phone)
     pushed = client.approve(username=username, notification_message="Approve?")

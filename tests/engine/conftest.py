@@ -120,11 +120,14 @@ def engine_factory(database_url: str, keyring: Keyring) -> EngineFactory:
     clock = TrioWallClock()
 
     @asynccontextmanager
-    async def running(callbacks: CallbackSettings | None = None) -> AsyncIterator[Engine]:
+    async def running(
+        callbacks: CallbackSettings | None = None, peers_dir: str | None = None
+    ) -> AsyncIterator[Engine]:
         engine = Engine(
             EngineSettings(
                 database=DatabaseSettings(url=database_url, pool_size=4),
                 callbacks=callbacks or CallbackSettings(),
+                peers_dir=peers_dir,
             ),
             keyring=keyring,
             verifier=BatchVerifier(OpenSSLVerifyBackend(), workers=2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -487,3 +488,59 @@ async def test_two_processes_answer_at_once_and_exactly_one_wins(
         assert stored.version == operation.version + 1
         succeeded = [row for row in rows(first, audit_log) if row.action == "operation.succeeded"]
         assert len(succeeded) == 2  # the registration's and this one's: nothing twice
+
+
+async def test_a_long_poll_in_one_process_ends_when_another_stores_the_answer(
+    engine_factory: EngineFactory, tmp_path: Path
+) -> None:
+    peers = str(tmp_path / "peers")
+    async with (
+        engine_factory(peers_dir=peers) as first,
+        engine_factory(peers_dir=peers) as second,
+    ):
+        phone, user_id, _ = await enrol(first)
+        owned_by_first = await start(first, user_id)
+        owned_by_second = await start(second, user_id)
+        woken: dict[UUID, Operation] = {}
+
+        async def wait(operation: Operation) -> None:
+            # The bound only keeps a broken wake-up from hanging the suite.
+            with trio.fail_after(20):
+                woken[operation.id] = await first.supervisor.wait(
+                    operation.id, version=operation.version
+                )
+
+        async with trio.open_nursery() as nursery:
+            # The first waits on its own (now stale) actor, then on a watch: no actor here.
+            nursery.start_soon(wait, owned_by_first)
+            nursery.start_soon(wait, owned_by_second)
+            await trio.testing.wait_all_tasks_blocked()
+            for operation in (owned_by_first, owned_by_second):
+                result = await second.supervisor.answer(operation.id, phone.answer(operation))
+                assert result.operation.phase is Phase.SUCCEEDED
+        assert {key: value.phase for key, value in woken.items()} == {
+            owned_by_first.id: Phase.SUCCEEDED,
+            owned_by_second.id: Phase.SUCCEEDED,
+        }
+        assert first.supervisor.statistics().changed_elsewhere == 1
+        assert first.supervisor.statistics().live_operations == 0  # the stale actor ended
+        assert second.peers.statistics().sent == 2
+        assert first.peers.statistics().received == 2
+
+
+async def test_a_stale_actor_that_expires_takes_the_stored_end(
+    engine_factory: EngineFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    # No peers: the first process never hears that the second stored the answer.
+    async with engine_factory() as first, engine_factory() as second:
+        with clock_stopped(autojump_clock):
+            phone, user_id, _ = await enrol(first)
+            operation = await start(first, user_id, expires_in=60)
+            await second.supervisor.answer(operation.id, phone.answer(operation))
+            assert (await first.supervisor.get(operation.id)).phase is Phase.CREATED
+        await trio.sleep(61)
+        # Its expiry lost the compare-and-set: the actor ended with the stored state.
+        ended = await first.supervisor.wait(operation.id, version=operation.version)
+        assert ended.phase is Phase.SUCCEEDED
+        await trio.testing.wait_all_tasks_blocked()
+        assert first.supervisor.statistics().live_operations == 0
