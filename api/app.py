@@ -149,9 +149,11 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
         response=str,
     )
     async def metrics(call: Call) -> Response:
-        """Verifier, operations, callbacks and database pool, in the text exposition format."""
+        """Requests, verifier, operations, callbacks and database pool, in the text exposition
+        format."""
         return Response(
-            metrics_text(engine), content_type="text/plain; version=0.0.4; charset=utf-8"
+            metrics_text(engine, services.admission),
+            content_type="text/plain; version=0.0.4; charset=utf-8",
         )
 
     @route(

@@ -1,12 +1,13 @@
-"""``/metrics``: the statistics of the verifier, the actors, the callbacks and the database
-pool, in the Prometheus text exposition format (version 0.0.4)."""
+"""``/metrics``: the statistics of the requests, the verifier, the actors, the callbacks and
+the database pool, in the Prometheus text exposition format (version 0.0.4)."""
 
 from __future__ import annotations
 
+from api.admission import Admission
 from engine.service import Engine
 
 
-def metrics_text(engine: Engine) -> str:
+def metrics_text(engine: Engine, admission: Admission) -> str:
     verifier = engine.verifier.statistics()
     supervisor = engine.supervisor.statistics()
     callbacks = engine.callbacks.statistics()
@@ -15,6 +16,20 @@ def metrics_text(engine: Engine) -> str:
     peers = engine.peers.statistics()
     backend = f'backend="{verifier.backend}"'
     rows: list[tuple[str, str, str, float, str]] = [
+        (
+            "tapsign_requests_active",
+            "gauge",
+            "Requests being served, this one included (long-polls that wait not counted)",
+            admission.active,
+            "",
+        ),
+        (
+            "tapsign_requests_shed_total",
+            "counter",
+            "New transactions refused with 503 while saturated",
+            admission.shed,
+            "",
+        ),
         (
             "tapsign_verifier_queue_depth",
             "gauge",

@@ -179,6 +179,7 @@ def register(app: Quart, services: Services) -> None:
         body=wire.Enroll,
         response=wire.Enrolled,
         status=201,
+        starts=True,
     )
     async def enroll(call: Call, body: wire.Enroll) -> wire.Enrolled:
         """Starts a registration. The phone scans ``enrollment.qrCode`` or opens
@@ -232,6 +233,7 @@ def register(app: Quart, services: Services) -> None:
         intent="approve",
         body=wire.Approval,
         response=wire.Started,
+        starts=True,
     )
     async def approval(call: Call, body: wire.Approval) -> wire.Started:
         """An authentication; an authorisation (payment approval, PSD2 dynamic linking) when
@@ -282,6 +284,7 @@ def register(app: Quart, services: Services) -> None:
         scope="operations",
         body=wire.Signature,
         response=wire.Started,
+        starts=True,
     )
     async def signature(call: Call, body: wire.Signature) -> wire.Started:
         """The user reads ``text`` on the phone and signs it. On success the status carries
@@ -332,7 +335,10 @@ def register(app: Quart, services: Services) -> None:
         transaction = UUID(claims["sub"])
         try:
             operation = await supervisor.get(transaction)
-            with trio.move_on_after(min(body.wait, LONG_POLL_LIMIT)):
+            with (
+                trio.move_on_after(min(body.wait, LONG_POLL_LIMIT)),
+                services.admission.waiting(),
+            ):
                 while operation.status == "pending" and body.wait > 0:
                     await supervisor.wait(transaction, version=operation.version)
                     operation = await supervisor.get(transaction)

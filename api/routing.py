@@ -21,6 +21,7 @@ from quart import Quart, Response, request
 from sqlalchemy.engine import Connection
 
 from api.access import AccessKeys
+from api.admission import Admission
 from api.device_auth import DeviceRequests
 from api.tokens import TokenKind, Tokens
 from api.wire import Problem
@@ -57,6 +58,7 @@ class Services:
     tokens: Tokens
     access_keys: AccessKeys
     devices: DeviceRequests
+    admission: Admission
     base_url: str
     clock: Clock
 
@@ -93,6 +95,8 @@ class RouteSpec:
     status: int
     form: bool = False
     intent: str | None = None
+    #: Starts a transaction: refused with 503 while the server is saturated (api/admission.py).
+    starts: bool = False
     description: str = ""
     path_parameters: tuple[str, ...] = field(default=())
 
@@ -201,6 +205,7 @@ def route(
     status: int = 200,
     form: bool = False,
     intent: str | None = None,
+    starts: bool = False,
 ) -> Callable[[Handler], Handler]:
     """Register ``handler(call, [body,] **path_parameters)`` for ``method path``.
 
@@ -222,6 +227,7 @@ def route(
             status=status,
             form=form,
             intent=intent,
+            starts=starts,
             description=(handler.__doc__ or "").strip(),
             path_parameters=parameters,
         )
@@ -232,14 +238,16 @@ def route(
             data = await request.get_data(cache=False)
             if not isinstance(data, bytes):  # pragma: no cover - get_data(as_text=False)
                 data = data.encode()
-            call = Call(services)
-            await _authenticate(spec, call, data, path_values)
-            arguments: list[Any] = []
-            if form:
-                arguments.append(_form(data, request.headers.get("Content-Type")))
-            elif body is not None:
-                arguments.append(decode_body(data, request.headers.get("Content-Type"), body))
-            result = await handler(call, *arguments, **path_values)
+            # Counted once the body is in: a slow upload costs nothing and holds no place.
+            with services.admission.serving(starts=starts):
+                call = Call(services)
+                await _authenticate(spec, call, data, path_values)
+                arguments: list[Any] = []
+                if form:
+                    arguments.append(_form(data, request.headers.get("Content-Type")))
+                elif body is not None:
+                    arguments.append(decode_body(data, request.headers.get("Content-Type"), body))
+                result = await handler(call, *arguments, **path_values)
             if isinstance(result, Response):
                 return result
             if result is None:

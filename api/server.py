@@ -13,6 +13,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
 from api.access import AccessKeys
+from api.admission import Admission
 from api.app import create_app
 from api.device_auth import DeviceRequests
 from api.routing import Services
@@ -51,6 +52,7 @@ def build_app(settings: Settings, environ: Mapping[str, str] = os.environ) -> Qu
         tokens=Tokens(keyring, engine.store, issuer=base_url, clock=utc_now),
         access_keys=AccessKeys(engine.store, clock=utc_now),
         devices=DeviceRequests(engine, clock=utc_now),
+        admission=Admission(settings.server.max_active_requests),
         base_url=base_url,
         clock=utc_now,
     )

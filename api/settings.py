@@ -43,6 +43,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: Seconds without a byte from the client before the connection is dropped. Hypercorn
     #: applies it while a response is pending too, so it must exceed the 30 s long-poll.
     read_timeout_seconds: Annotated[float, msgspec.Meta(ge=35, le=300)] = 45.0
+    #: Requests served at once (per process, long-polls not counted) beyond which new
+    #: transactions are refused with 503 and Retry-After (api/admission.py).
+    max_active_requests: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64
     #: Where the worker processes on this host tell each other of changed transactions
     #: (engine/peers.py).
     peers_dir: str = "var/peers"

@@ -6,6 +6,10 @@ status through the long-poll -- is reported to Locust as request type ``SCA`` un
 scenario's name, beside the HTTP calls it is made of. Each transaction's exact duration
 is also written to ``$TAPSIGN_LOADTEST_TIMINGS.<pid>`` (Locust rounds its percentiles).
 
+A start the server sheds (503 with ``Retry-After``, api/admission.py) is what a saturated
+tapsign should do, not an error: it is reported as request type ``SHED``, and the user
+waits the ``Retry-After`` seconds as a well-behaved relying party would.
+
 Phones are enrolled when a user starts, with a separate HTTP client, and the statistics
 are reset once every user runs (``--reset-stats``), so the measured phase measures
 approvals. Scenario: ``TAPSIGN_LOADTEST_SCENARIO`` = ``mixed`` (default), ``enrolment``,
@@ -41,7 +45,8 @@ TIMINGS = os.environ.get("TAPSIGN_LOADTEST_TIMINGS")
 MIX = {"payment": 45, "login": 40, "enrolment": 5, "consent": 5, "decline": 5}
 SHOP = {"name": "Coffee Shop", "account": "DE89 3704 0044 0532 0130 00"}
 
-_timings: list[tuple[float, float, str, bool]] = []
+#: (started, seconds, scenario, outcome: "ok", "failed" or "shed")
+_timings: list[tuple[float, float, str, str]] = []
 _pending = msgspec.json.Decoder(wire.PendingOperations)
 _started = msgspec.json.Decoder(wire.Started)
 _status = msgspec.json.Decoder(wire.Status)
@@ -54,6 +59,14 @@ class TransactionFailed(Exception):
     pass
 
 
+class Shed(Exception):
+    """The server refused to start the transaction for now."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"shed; retry after {retry_after:g} s")
+        self.retry_after = retry_after
+
+
 def _measure_from_here(user_count: int, **_: Any) -> None:
     _timings.clear()
 
@@ -62,8 +75,8 @@ def _write_timings(environment: Environment, **_: Any) -> None:
     if TIMINGS is None:
         return
     with open(f"{TIMINGS}.{os.getpid()}", "w", encoding="utf-8") as file:
-        for started, seconds, name, ok in _timings:
-            file.write(f"{started:.6f},{seconds:.6f},{name},{int(ok)}\n")
+        for started, seconds, name, outcome in _timings:
+            file.write(f"{started:.6f},{seconds:.6f},{name},{outcome}\n")
 
 
 events.spawning_complete.add_listener(_measure_from_here)  # type: ignore[no-untyped-call]
@@ -100,21 +113,27 @@ class RelyingPartyWithPhone(FastHttpUser):
         scenario = random.choices(self.scenarios, self.weights)[0]
         began, started_at = time.perf_counter(), time.time()
         error: Exception | None = None
+        shed: Shed | None = None
         try:
             scenario()
+        except Shed as exc:
+            shed = exc
         except Exception as exc:  # any failure is the transaction's failure
             error = exc
         seconds = time.perf_counter() - began
         name = scenario.__name__
-        _timings.append((started_at, seconds, name, error is None))
+        outcome = "shed" if shed else "failed" if error else "ok"
+        _timings.append((started_at, seconds, name, outcome))
         self.environment.events.request.fire(
-            request_type="SCA",
+            request_type="SHED" if shed else "SCA",
             name=name,
             response_time=seconds * 1000,
             response_length=0,
             exception=error,
             context={},
         )
+        if shed is not None:
+            time.sleep(shed.retry_after)
 
     # -- the scenarios ----------------------------------------------------------------------
 
@@ -147,7 +166,10 @@ class RelyingPartyWithPhone(FastHttpUser):
 
     def enrolment(self) -> None:
         response = self._post(
-            "/api/v1/users/enroll", {"username": f"load-{secrets.token_hex(6)}"}, self.authorization
+            "/api/v1/users/enroll",
+            {"username": f"load-{secrets.token_hex(6)}"},
+            self.authorization,
+            starts=True,
         )
         enrolled = _enrolled.decode(response)
         token = Device.dispatch_token(enrolled.enrollment.app_link_uri)
@@ -174,7 +196,7 @@ class RelyingPartyWithPhone(FastHttpUser):
         path: str = "/api/v1/approval",
         decision: Decision = Decision.APPROVE,
     ) -> wire.Status:
-        started = _started.decode(self._post(path, request, self.authorization))
+        started = _started.decode(self._post(path, request, self.authorization, starts=True))
         operation = self._fetch(started.transaction_id)
         signed = self.phone.answer(operation, decision=decision)
         answer_path = f"/device/v1/operations/{operation.id}/answer"
@@ -229,7 +251,13 @@ class RelyingPartyWithPhone(FastHttpUser):
         return status
 
     def _post(
-        self, path: str, document: Any, headers: dict[str, str], *, name: str | None = None
+        self,
+        path: str,
+        document: Any,
+        headers: dict[str, str],
+        *,
+        name: str | None = None,
+        starts: bool = False,
     ) -> bytes:
         body = msgspec.json.encode(document)
         with self.client.post(
@@ -239,6 +267,10 @@ class RelyingPartyWithPhone(FastHttpUser):
             name=name or f"POST {path}",
             catch_response=True,
         ) as response:
+            retry_after = response.headers.get("Retry-After", "")
+            if starts and response.status_code == 503 and retry_after.isdigit():
+                response.success()
+                raise Shed(float(retry_after))
             if not 200 <= response.status_code < 300:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 raise TransactionFailed(f"{path}: HTTP {response.status_code}")

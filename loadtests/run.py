@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(p50 {summary['latency_ms']['p50']:.0f} ms, p95 {summary['latency_ms']['p95']:.0f} ms, "
         f"p99 {summary['latency_ms']['p99']:.0f} ms), {summary['http_requests_per_second']:.0f} "
         f"HTTP req/s, {summary['failed_transactions']} failed transactions, "
+        f"{summary['shed_transactions']} shed (503), "
         f"{summary['http_errors']} HTTP errors, "
         f"server CPU {summary['server']['cpu_cores_mean']:.2f} cores, "
         f"RSS {summary['server']['rss_mib_max']:.0f} MiB -> {report.relative_to(ROOT)}"
@@ -221,16 +222,20 @@ def _alive(url: str) -> bool:
         return False
 
 
-def _merge_timings(report: Path) -> list[tuple[float, float, str, bool]]:
+Timing = tuple[float, float, str, str]
+
+
+def _merge_timings(report: Path) -> list[Timing]:
+    """Every transaction: (started, seconds, scenario, outcome ``ok``/``failed``/``shed``)."""
     rows = []
     for part in sorted(report.glob("timings.*")):
-        for started, seconds, name, ok in csv.reader(part.read_text().splitlines()):
-            rows.append((float(started), float(seconds), name, ok == "1"))
+        for started, seconds, name, outcome in csv.reader(part.read_text().splitlines()):
+            rows.append((float(started), float(seconds), name, outcome))
         part.unlink()
     rows.sort()
     with (report / "timings.csv").open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["started", "seconds", "scenario", "ok"])
+        writer.writerow(["started", "seconds", "scenario", "outcome"])
         writer.writerows(rows)
     return rows
 
@@ -246,12 +251,13 @@ def _percentile(values: list[float], fraction: float) -> float:
 def _summary(
     options: argparse.Namespace,
     report: Path,
-    timings: list[tuple[float, float, str, bool]],
+    timings: list[Timing],
     samples: list[tuple[float, float, int]],
     metrics: str,
 ) -> dict[str, Any]:
-    ok = [seconds * 1000 for _, seconds, _, good in timings if good]
-    failed = sum(1 for *_, good in timings if not good)
+    ok = [seconds * 1000 for _, seconds, _, outcome in timings if outcome == "ok"]
+    failed = sum(1 for *_, outcome in timings if outcome == "failed")
+    shed = sum(1 for *_, outcome in timings if outcome == "shed")
     window = (
         (max(s + d for s, d, _, _ in timings) - min(s for s, *_ in timings)) if timings else 1.0
     )
@@ -259,7 +265,7 @@ def _summary(
     stats = report / "locust_stats.csv"
     if stats.exists():
         for row in csv.DictReader(stats.read_text().splitlines()):
-            if row["Type"] not in ("SCA", "") and row["Name"] != "Aggregated":
+            if row["Type"] not in ("SCA", "SHED", "") and row["Name"] != "Aggregated":
                 http_requests += int(row["Request Count"])
                 http_errors += int(row["Failure Count"])
     cpu = [
@@ -274,10 +280,12 @@ def _summary(
         for line in metrics.splitlines()
         if line.startswith("tapsign_verifier_")
     }
-    _chart(report, timings)
+    _chart(report, timings, samples)
     by_scenario: dict[str, int] = {}
-    for _, _, name, good in timings:
-        by_scenario[name] = by_scenario.get(name, 0) + int(good)
+    for _, _, name, outcome in timings:
+        by_scenario[name] = by_scenario.get(name, 0) + int(outcome == "ok")
+    rss = [sample[2] / 2**20 for sample in samples]
+    minute = max(1, min(60, len(rss) // 4))
     return {
         "scenario": options.scenario,
         "users": options.users,
@@ -286,6 +294,8 @@ def _summary(
         "transactions": len(ok),
         "transactions_by_scenario": by_scenario,
         "failed_transactions": failed,
+        "shed_transactions": shed,
+        "shed_per_second": shed / window,
         "transactions_per_second": len(ok) / window,
         "latency_ms": {
             "p50": _percentile(ok, 0.50),
@@ -298,14 +308,17 @@ def _summary(
         "http_errors": http_errors,
         "server": {
             "cpu_cores_mean": sum(cpu) / len(cpu) if cpu else 0.0,
-            "rss_mib_max": max((rss for *_, rss in samples), default=0) / 2**20,
-            "rss_mib_last": samples[-1][2] / 2**20 if samples else 0.0,
+            "rss_mib_max": max(rss, default=0.0),
+            "rss_mib_last": rss[-1] if rss else 0.0,
+            # Flat memory: the first and the last minute (or quarter) of the run.
+            "rss_mib_mean_first_minute": sum(rss[:minute]) / minute if rss else 0.0,
+            "rss_mib_mean_last_minute": sum(rss[-minute:]) / minute if rss else 0.0,
         },
         "verifier": verifier,
     }
 
 
-def _chart(report: Path, timings: list[tuple[float, float, str, bool]]) -> None:
+def _chart(report: Path, timings: list[Timing], samples: list[tuple[float, float, int]]) -> None:
     if not timings:
         return
     import matplotlib  # only the report needs it
@@ -315,12 +328,23 @@ def _chart(report: Path, timings: list[tuple[float, float, str, bool]]) -> None:
 
     start = timings[0][0]
     buckets: dict[int, list[float]] = {}
-    for started, seconds, _, good in timings:
-        if good:
-            buckets.setdefault(int(started + seconds - start), []).append(seconds * 1000)
+    shed: dict[int, int] = {}
+    for started, seconds, _, outcome in timings:
+        second = int(started + seconds - start)
+        if outcome == "ok":
+            buckets.setdefault(second, []).append(seconds * 1000)
+        elif outcome == "shed":
+            shed[second] = shed.get(second, 0) + 1
     seconds_axis = sorted(buckets)
-    figure, (rate, latency) = pyplot.subplots(2, 1, figsize=(10, 7), sharex=True)
-    rate.plot(seconds_axis, [len(buckets[s]) for s in seconds_axis], color="tab:blue")
+    figure, (rate, latency, memory) = pyplot.subplots(3, 1, figsize=(10, 9), sharex=True)
+    rate.plot(
+        seconds_axis, [len(buckets[s]) for s in seconds_axis], color="tab:blue", label="completed"
+    )
+    if shed:
+        rate.plot(
+            seconds_axis, [shed.get(s, 0) for s in seconds_axis], color="tab:gray", label="shed"
+        )
+        rate.legend()
     rate.set_ylabel("transactions / s")
     rate.set_title("tapsign: complete SCA transactions")
     for fraction, colour in ((0.5, "tab:green"), (0.95, "tab:orange"), (0.99, "tab:red")):
@@ -331,8 +355,15 @@ def _chart(report: Path, timings: list[tuple[float, float, str, bool]]) -> None:
             color=colour,
         )
     latency.set_ylabel("latency (ms)")
-    latency.set_xlabel("seconds since the measured phase began")
     latency.legend()
+    if samples:
+        memory.plot(
+            [at - start for at, _, _ in samples],
+            [rss / 2**20 for *_, rss in samples],
+            color="tab:purple",
+        )
+    memory.set_ylabel("server RSS (MiB)")
+    memory.set_xlabel("seconds since the measured phase began")
     figure.tight_layout()
     figure.savefig(report / "chart.png", dpi=100)
     pyplot.close(figure)

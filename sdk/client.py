@@ -34,11 +34,20 @@ __all__ = ["ApiError", "Client", "Payee"]
 class ApiError(Exception):
     """A 4xx or 5xx answer, with its problem details."""
 
-    def __init__(self, status: int, problem: wire.Problem | None, body: bytes) -> None:
+    def __init__(
+        self,
+        status: int,
+        problem: wire.Problem | None,
+        body: bytes,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
         detail = problem.detail if problem is not None else body[:200].decode(errors="replace")
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.problem = problem
+        #: Seconds to wait before trying again, when the server said (503 and 429).
+        self.retry_after = retry_after
 
     @property
     def problem_type(self) -> str | None:
@@ -52,7 +61,13 @@ def raise_for_problem(response: httpx.Response) -> None:
         problem = msgspec.json.decode(response.content, type=wire.Problem)
     except msgspec.MsgspecError:
         problem = None
-    raise ApiError(response.status_code, problem, response.content)
+    retry_after = response.headers.get("Retry-After", "")
+    raise ApiError(
+        response.status_code,
+        problem,
+        response.content,
+        retry_after=float(retry_after) if retry_after.isdigit() else None,
+    )
 
 
 class Client:

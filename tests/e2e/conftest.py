@@ -53,11 +53,13 @@ def _environment() -> dict[str, str]:
 
 
 @contextmanager
-def _serving(directory: Path, *, workers: int) -> Iterator[Server]:
-    """``tapsign serve`` in ``directory``, with its own token, database and access key."""
+def _serving(directory: Path, *, workers: int, config: str = "") -> Iterator[Server]:
+    """``tapsign serve`` in ``directory``, with its own token, database and access key, and
+    ``config`` as its tapsign.toml."""
     if not Path(default_module()).is_file():
         pytest.skip("SoftHSM2 is not installed: run 'make test' to install it")
     environment = _environment()
+    (directory / "tapsign.toml").write_text(config)
     subprocess.run(  # noqa: S603
         [str(ROOT / "softhsm-config" / "init-token.sh"), "var", str(TAPSIGN)],
         cwd=directory,
@@ -114,6 +116,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server of two worker processes on one database (``tapsign serve --workers 2``)."""
     with _serving(tmp_path_factory.mktemp("workers"), workers=2) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def saturable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server saturated by one request (``max_active_requests = 1``)."""
+    config = "[server]\nmax_active_requests = 1\n"
+    with _serving(tmp_path_factory.mktemp("saturable"), workers=1, config=config) as running:
         yield running
 
 

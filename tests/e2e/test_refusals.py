@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -289,3 +291,49 @@ def test_health_metrics_jwks_and_docs(server: Server) -> None:
     assert {key["use"] for key in jwks.json()["keys"]} == {"sig"}
     page = httpx.get(f"{server.url}/docs").text
     assert "POST /api/v1/approval" in page
+
+
+def _metric(server: Server, name: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def test_new_transactions_are_shed_with_503_while_saturated(saturable: Server) -> None:
+    phone = Device(saturable.url)
+
+    def hold() -> None:
+        with Client(saturable.url, saturable.access_key) as other:
+            held.append(other.approve(username=username))
+
+    with Client(saturable.url, saturable.access_key) as client:
+        username = enrolled(client, phone)
+        pending = client.approve(username=username)
+        # Another program holds the database's write lock: a start that must write waits
+        # in the route and keeps its place (max_active_requests = 1 here).
+        lock = sqlite3.connect(saturable.directory / "var" / "tapsign.db", timeout=1)
+        lock.execute("BEGIN IMMEDIATE")
+        held: list[object] = []
+        holder = threading.Thread(target=hold)
+        try:
+            holder.start()
+            deadline = time.monotonic() + 20
+            while _metric(saturable, "tapsign_requests_active") < 2:  # the held one and this
+                assert time.monotonic() < deadline, "the start never reached the route"
+                time.sleep(0.05)
+            with pytest.raises(ApiError) as refused:
+                client.approve(username=username)
+            assert (refused.value.status, refused.value.retry_after) == (503, 1.0)
+            assert refused.value.problem_type == "https://tapsign.dev/problems/overloaded"
+            # What finishes a started transaction is still served (reads pass the lock).
+            assert client.status(pending.status_token).status == "pending"
+            assert [operation.id for operation in phone.pending()] == [pending.transaction_id]
+        finally:
+            lock.rollback()
+            lock.close()
+            holder.join(timeout=60)
+            phone.close()
+        assert len(held) == 1  # the held start went through once the lock was gone
+        assert client.approve(username=username).status_token
+    assert _metric(saturable, "tapsign_requests_shed_total") == 1
