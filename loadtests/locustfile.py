@@ -19,6 +19,7 @@ approvals. Scenario: ``TAPSIGN_LOADTEST_SCENARIO`` = ``mixed`` (default), ``enro
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import secrets
@@ -47,6 +48,8 @@ SHOP = {"name": "Coffee Shop", "account": "DE89 3704 0044 0532 0130 00"}
 
 #: (started, seconds, scenario, outcome: "ok", "failed" or "shed")
 _timings: list[tuple[float, float, str, str]] = []
+#: httpx (the set-up's SDK calls) logs every request at INFO, Locust's level.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 _pending = msgspec.json.Decoder(wire.PendingOperations)
 _started = msgspec.json.Decoder(wire.Started)
 _status = msgspec.json.Decoder(wire.Status)

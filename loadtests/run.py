@@ -199,17 +199,15 @@ def _run(
     if options.locust_processes > 1:
         command += ["--processes", str(options.locust_processes)]
     samples: list[tuple[float, float, int]] = []
-    locust = subprocess.Popen(  # noqa: S603 - our own command line
-        command,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    while locust.poll() is None:
-        if pid is not None:
-            samples.append((time.time(), *_sample(pid)))
-        time.sleep(1)
-    (report / "locust.log").write_bytes(locust.stdout.read() if locust.stdout else b"")
+    # Straight into a file: a pipe read only at the end fills up and stalls Locust.
+    with (report / "locust.log").open("wb") as log:
+        locust = subprocess.Popen(  # noqa: S603 - our own command line
+            command, env=environment, stdout=log, stderr=subprocess.STDOUT
+        )
+        while locust.poll() is None:
+            if pid is not None:
+                samples.append((time.time(), *_sample(pid)))
+            time.sleep(1)
     timings = _merge_timings(report)
     metrics = httpx.get(f"{url}/metrics", timeout=10).text if _alive(url) else ""
     return _summary(options, report, timings, samples, metrics)
