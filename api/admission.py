@@ -1,13 +1,13 @@
 """Shedding load: new transactions are refused with 503 while the server is saturated.
 
 Every request counts as *active* from the moment its body has arrived until its answer is
-ready, except while a status long-poll only waits. When ``limit`` requests are active,
-the routes that start a transaction (enrolment, approval, signature) answer 503
-``Overloaded`` with ``Retry-After`` at once. Everything else is still served: the phone's fetch and answer
-and the relying party's status calls finish the transactions already started, and their
-number is bounded by those transactions. Under a sustained overload latency therefore
-stays near ``limit`` / throughput and memory stays flat, instead of both growing with the
-queue (docs/discussion/performance.md has the measurement).
+ready, except while a status long-poll only waits. When ``limit`` requests are active, the
+routes that start a transaction (enrolment, approval, signature) answer 503 ``Overloaded``
+with ``Retry-After`` at once. Everything else is still served: the phone's fetch and
+answer and the relying party's status calls finish the transactions already started, and
+their number is bounded by those transactions. Under a sustained overload latency
+therefore stays near ``limit`` / throughput and memory stays flat, instead of both growing
+with the queue (docs/discussion/performance.md has the measurement).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Records read from the database moments ago, kept for a second.
+"""Records read from the database moments ago, kept for a short while.
 
-Access keys and devices are looked up on every request that presents them; a transaction
-presents them three or four times within a second. Keeping what was read for ``seconds``
-spares those reads. The price is bounded staleness: a revoked access key or a locked
-device may still authenticate a request in this process for up to that long. An answer's
-device status is always read afresh when the answer is stored (engine/actors.py), so a
-locked device's signature never counts.
+Access keys and devices are looked up on every request that presents them, and a status
+answer names the user; a transaction does each several times within a second. Keeping what
+was read for ``seconds`` spares those reads. The price is bounded staleness: a revoked
+access key or a locked device may still authenticate a request in this process for up to
+that long. An answer's device status is always read afresh when the answer is stored
+(engine/actors.py), so a locked device's signature never counts.
 """
 
 from __future__ import annotations

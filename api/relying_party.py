@@ -7,7 +7,6 @@ authenticators), so that an integrator can switch by changing the base URL.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from uuid import UUID
 
 import trio
@@ -15,6 +14,7 @@ from quart import Quart, request
 
 from api import wire
 from api.qr import qr_code
+from api.recent import Recent
 from api.routing import Auth, Call, Services, route
 from api.tokens import INTENT_LIFETIME, RESULT_LIFETIME, STATUS_GRACE, TokenKind
 from engine.errors import Forbidden, InvalidInput, OperationNotFound, UserNotFound
@@ -29,7 +29,6 @@ from engine.model import (
 )
 
 LONG_POLL_LIMIT = 30.0
-USERNAME_CACHE = 10_000
 
 
 def authenticator_view(device: Device) -> wire.Authenticator:
@@ -63,7 +62,9 @@ def register(app: Quart, services: Services) -> None:
     engine = services.engine
     identity = engine.identity
     supervisor = engine.supervisor
-    usernames: OrderedDict[UUID, str] = OrderedDict()
+    #: Usernames never change; a status answer names the user, and a transaction has
+    #: one or more status calls.
+    usernames: Recent[UUID, str] = Recent(seconds=60.0, size=10_000)
 
     def callback_url(call: Call, explicit: str | None) -> str | None:
         return explicit or (call.client.callback_url if call.client is not None else None)
@@ -145,10 +146,7 @@ def register(app: Quart, services: Services) -> None:
             except UserNotFound:
                 username = None
             else:
-                # Usernames never change: remember the recent ones (a status poll each).
-                usernames[operation.user_id] = username
-                if len(usernames) > USERNAME_CACHE:
-                    usernames.popitem(last=False)
+                usernames.put(operation.user_id, username)
         return wire.Status(
             transaction_id=operation.id,
             status=status,  # type: ignore[arg-type] # pending, succeeded or failed here

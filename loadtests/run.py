@@ -4,8 +4,9 @@ Starts a server (SQLite and SoftHSM2 in a scratch directory, like ``make run``) 
 ``--url`` names one, runs Locust for a bounded time against it, samples the server's CPU
 and resident memory every second, and writes into ``loadtests/reports/<timestamp>/``:
 Locust's CSVs and HTML report, ``timings.csv`` (every transaction, exact),
-``chart.png`` (transactions/s and p50/p95/p99 over time) and ``summary.json``. Prints one
-summary line. See loadtests/README.md.
+``server.csv`` (the server's CPU seconds and resident bytes, every second), ``chart.png``
+(transactions/s, p50/p95/p99 and the server's memory over time) and ``summary.json``.
+Prints one summary line. See loadtests/README.md.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         f"HTTP req/s, {summary['failed_transactions']} failed transactions, "
         f"{summary['shed_transactions']} shed (503), "
         f"{summary['http_errors']} HTTP errors, "
-        f"server CPU {summary['server']['cpu_cores_mean']:.2f} cores, "
+        f"server CPU {summary['server']['cpu_cores_mean']:.2f} cores "
+        f"(Locust {summary['locust_cpu_cores_mean']:.2f}), "
         f"RSS {summary['server']['rss_mib_max']:.0f} MiB -> {report.relative_to(ROOT)}"
     )
     return 0 if summary["failed_transactions"] == 0 and summary["http_errors"] == 0 else 1
@@ -199,6 +201,7 @@ def _run(
     if options.locust_processes > 1:
         command += ["--processes", str(options.locust_processes)]
     samples: list[tuple[float, float, int]] = []
+    locust_cpu: list[tuple[float, float]] = []
     # Straight into a file: a pipe read only at the end fills up and stalls Locust.
     with (report / "locust.log").open("wb") as log:
         locust = subprocess.Popen(  # noqa: S603 - our own command line
@@ -207,10 +210,18 @@ def _run(
         while locust.poll() is None:
             if pid is not None:
                 samples.append((time.time(), *_sample(pid)))
+            locust_cpu.append((time.time(), _sample(locust.pid)[0]))
             time.sleep(1)
     timings = _merge_timings(report)
+    if samples:
+        with (report / "server.csv").open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["time", "cpu_seconds", "rss_bytes"])
+            writer.writerows(samples)
     metrics = httpx.get(f"{url}/metrics", timeout=10).text if _alive(url) else ""
-    return _summary(options, report, timings, samples, metrics)
+    summary = _summary(options, report, timings, samples, metrics)
+    summary["locust_cpu_cores_mean"] = _mean_rate(locust_cpu)
+    return summary
 
 
 def _alive(url: str) -> bool:
@@ -236,6 +247,16 @@ def _merge_timings(report: Path) -> list[Timing]:
         writer.writerow(["started", "seconds", "scenario", "outcome"])
         writer.writerows(rows)
     return rows
+
+
+def _mean_rate(samples: list[tuple[float, float]]) -> float:
+    """Mean of d(value)/d(time) over the samples: CPU seconds per second, i.e. cores."""
+    rates = [
+        (later[1] - earlier[1]) / (later[0] - earlier[0])
+        for earlier, later in itertools.pairwise(samples)
+        if later[0] > earlier[0]
+    ]
+    return sum(rates) / len(rates) if rates else 0.0
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -266,11 +287,6 @@ def _summary(
             if row["Type"] not in ("SCA", "SHED", "") and row["Name"] != "Aggregated":
                 http_requests += int(row["Request Count"])
                 http_errors += int(row["Failure Count"])
-    cpu = [
-        (later[1] - earlier[1]) / (later[0] - earlier[0])
-        for earlier, later in itertools.pairwise(samples)
-        if later[0] > earlier[0]
-    ]
     verifier = {
         line.split("{")[0].split(" ")[0].removeprefix("tapsign_verifier_"): float(
             line.rsplit(" ", 1)[1]
@@ -305,7 +321,7 @@ def _summary(
         "http_requests_per_second": http_requests / window,
         "http_errors": http_errors,
         "server": {
-            "cpu_cores_mean": sum(cpu) / len(cpu) if cpu else 0.0,
+            "cpu_cores_mean": _mean_rate([(at, cpu) for at, cpu, _ in samples]),
             "rss_mib_max": max(rss, default=0.0),
             "rss_mib_last": rss[-1] if rss else 0.0,
             # Flat memory: the first and the last minute (or quarter) of the run.
