@@ -152,7 +152,7 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
         """Requests, verifier, operations, callbacks and database pool, in the text exposition
         format."""
         return Response(
-            metrics_text(engine, services.admission),
+            metrics_text(services),
             content_type="text/plain; version=0.0.4; charset=utf-8",
         )
 

@@ -3,11 +3,12 @@ the database pool, in the Prometheus text exposition format (version 0.0.4)."""
 
 from __future__ import annotations
 
-from api.admission import Admission
-from engine.service import Engine
+from api.routing import Services
 
 
-def metrics_text(engine: Engine, admission: Admission) -> str:
+def metrics_text(services: Services) -> str:
+    engine = services.engine
+    admission = services.admission
     verifier = engine.verifier.statistics()
     supervisor = engine.supervisor.statistics()
     callbacks = engine.callbacks.statistics()
@@ -29,6 +30,20 @@ def metrics_text(engine: Engine, admission: Admission) -> str:
             "New transactions refused with 503 while saturated",
             admission.shed,
             "",
+        ),
+        (
+            "tapsign_device_requests_limited_total",
+            "counter",
+            "Device API requests refused with 429 by the rate limit",
+            services.address_limit.refused,
+            'by="address"',
+        ),
+        (
+            "tapsign_device_requests_limited_total",
+            "counter",
+            "Device API requests refused with 429 by the rate limit",
+            services.device_limit.refused,
+            'by="device"',
         ),
         (
             "tapsign_verifier_queue_depth",
@@ -221,9 +236,12 @@ def metrics_text(engine: Engine, admission: Admission) -> str:
             "",
         ),
     ]
-    lines = []
+    lines: list[str] = []
+    previous = ""
     for name, kind, description, value, labels in rows:
-        lines.append(f"# HELP {name} {description}")
-        lines.append(f"# TYPE {name} {kind}")
+        if name != previous:  # one HELP and TYPE per metric, its labelled series below
+            lines.append(f"# HELP {name} {description}")
+            lines.append(f"# TYPE {name} {kind}")
+            previous = name
         lines.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 from urllib.parse import parse_qs
+from uuid import UUID
 
 import msgspec
 from quart import Quart, Response, request
@@ -23,6 +24,7 @@ from sqlalchemy.engine import Connection
 from api.access import AccessKeys
 from api.admission import Admission
 from api.device_auth import DeviceRequests
+from api.ratelimit import RateLimit
 from api.tokens import TokenKind, Tokens
 from api.wire import Problem
 from engine import store as db
@@ -59,6 +61,9 @@ class Services:
     access_keys: AccessKeys
     devices: DeviceRequests
     admission: Admission
+    #: The device API's rate limits (api/ratelimit.py).
+    address_limit: RateLimit[str]
+    device_limit: RateLimit[UUID]
     base_url: str
     clock: Clock
 
@@ -233,8 +238,12 @@ def route(
         )
         ROUTES.append(spec)
 
+        device_api = path.startswith("/device/")
+
         @functools.wraps(handler)
         async def endpoint(**path_values: Any) -> Response:
+            if device_api:
+                services.address_limit.take(request.remote_addr or "")
             data = await request.get_data(cache=False)
             if not isinstance(data, bytes):  # pragma: no cover - get_data(as_text=False)
                 data = data.encode()
@@ -242,6 +251,8 @@ def route(
             with services.admission.serving(starts=starts):
                 call = Call(services)
                 await _authenticate(spec, call, data, path_values)
+                if call.device is not None:
+                    services.device_limit.take(call.device.id)
                 arguments: list[Any] = []
                 if form:
                     arguments.append(_form(data, request.headers.get("Content-Type")))

@@ -18,6 +18,7 @@ from api.access import AccessKeys
 from api.admission import Admission
 from api.app import create_app
 from api.device_auth import DeviceRequests
+from api.ratelimit import RateLimit
 from api.routing import Services
 from api.settings import Settings
 from api.tokens import Tokens
@@ -71,6 +72,7 @@ def build_app(settings: Settings, environ: Mapping[str, str] = os.environ) -> Qu
         max_batch=settings.verifier.max_batch,
     )
     base_url = settings.server.base_url()
+    limits = settings.ratelimit
     engine = Engine(settings.engine(), keyring=keyring, verifier=verifier, issuer=base_url)
     services = Services(
         engine=engine,
@@ -78,6 +80,10 @@ def build_app(settings: Settings, environ: Mapping[str, str] = os.environ) -> Qu
         access_keys=AccessKeys(engine.store, clock=utc_now),
         devices=DeviceRequests(engine, clock=utc_now),
         admission=Admission(settings.server.max_active_requests),
+        address_limit=RateLimit(
+            limits.address_per_second, limits.address_burst, what="client address"
+        ),
+        device_limit=RateLimit(limits.device_per_second, limits.device_burst, what="device"),
         base_url=base_url,
         clock=utc_now,
     )

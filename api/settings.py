@@ -54,8 +54,20 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
+class RateLimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Token buckets on the device API (api/ratelimit.py), per process; 0 switches one off."""
+
+    #: Requests a second from one client address (before the request is authenticated).
+    address_per_second: Annotated[float, msgspec.Meta(ge=0)] = 100.0
+    address_burst: Annotated[int, msgspec.Meta(ge=1)] = 400
+    #: Requests a second from one authenticated device.
+    device_per_second: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    device_burst: Annotated[int, msgspec.Meta(ge=1)] = 30
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    ratelimit: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
     hsm: HsmSettings = msgspec.field(default_factory=HsmSettings)
     verifier: VerifierSettings = msgspec.field(default_factory=VerifierSettings)
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)

@@ -45,6 +45,19 @@ class Overloaded(ServiceUnavailable):
     title = "Overloaded"
 
 
+class TooManyRequests(TapsignError):
+    """A client or device sent more requests than its rate limit; ``retry_after`` says
+    when the next one will be accepted."""
+
+    status = 429
+    problem = "too-many-requests"
+    title = "Too many requests"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ConfigurationError(TapsignError):
     """The configuration (file or environment) is invalid; raised at start-up."""
 
