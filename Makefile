@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 VAR    := var
 
 .DEFAULT_GOAL := run
-.PHONY: run test setup system-packages venv hsm db lint loadtest
+.PHONY: run test setup system-packages venv hsm db lint loadtest crashtest
 
 # make loadtest SCENARIO=mixed USERS=32 SPAWN_RATE=16 DURATION=60s [URL=… ACCESS_KEY=…]
 SCENARIO   ?= mixed
@@ -33,6 +33,14 @@ loadtest: setup
 	$(BIN)/python -m loadtests.run --scenario $(SCENARIO) --users $(USERS) \
 	  --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --server-workers $(SERVER_WORKERS) \
 	  $(if $(URL),--url $(URL)) $(if $(ACCESS_KEY),--access-key $(ACCESS_KEY))
+
+# make crashtest CYCLES=20 CLIENTS=8: SIGKILL the server under load, restart, check (tests/e2e/crash.py)
+CYCLES  ?= 20
+CLIENTS ?= 8
+
+crashtest: setup
+	@echo "==> crash test: $(CYCLES) kills and restarts under load from $(CLIENTS) clients"
+	$(BIN)/python -m tests.e2e.crash --cycles $(CYCLES) --clients $(CLIENTS)
 
 lint: venv
 	@echo "==> ruff check, ruff format --check, mypy --strict"

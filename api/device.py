@@ -14,7 +14,7 @@ from quart import Quart
 from api import wire
 from api.routing import Auth, Call, Services, route
 from api.tokens import TokenKind
-from engine.errors import OperationNotFound
+from engine.errors import OperationNotFound, OperationNotPending
 from engine.model import DeviceAnswer, Operation
 from engine.payload import FORMAT
 
@@ -82,8 +82,8 @@ def register(app: Quart, services: Services) -> None:
         for operation in await supervisor.pending_for_device(call.device.id):
             try:
                 shown.append(device_view(await supervisor.dispatch(operation.id, call.device.id)))
-            except OperationNotFound:
-                continue
+            except (OperationNotFound, OperationNotPending):
+                continue  # it ended (expired, cancelled) since the list was read
         return wire.PendingOperations(operations=shown)
 
     @route(

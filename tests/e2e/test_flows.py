@@ -15,7 +15,7 @@ import pytest
 from api.wire import Introspection, Payee
 from sdk.client import ApiError, Client
 from sdk.device import Device
-from tests.e2e.conftest import Server
+from tests.e2e.serving import Server
 
 SHOP = Payee(name="Shop", account="DE89 3704 0044 0532 0130 00")
 

@@ -17,7 +17,7 @@ from openapi_spec_validator import validate
 from api.device_auth import canonical_request, sign_headers
 from sdk.client import ApiError, Client
 from sdk.device import Authenticator, Device
-from tests.e2e.conftest import Server
+from tests.e2e.serving import Server
 from tests.e2e.test_flows import enrolled
 
 PROBLEM = "application/problem+json"
@@ -337,3 +337,49 @@ def test_new_transactions_are_shed_with_503_while_saturated(saturable: Server) -
         assert len(held) == 1  # the held start went through once the lock was gone
         assert client.approve(username=username).status_token
     assert _metric(saturable, "tapsign_requests_shed_total") == 1
+
+
+def test_the_device_api_is_rate_limited_per_device_and_per_address(limited: Server) -> None:
+    phone, other = Device(limited.url), Device(limited.url)
+    try:
+        with Client(limited.url, limited.access_key) as client:
+            username = enrolled(client, phone)  # redeem, answer: 2 from the address
+            for _ in range(3):  # the device's burst
+                assert phone.pending() == []
+            with pytest.raises(ApiError) as refused:
+                phone.pending()
+            assert (refused.value.status, refused.value.problem_type) == (
+                429,
+                "https://tapsign.dev/problems/too-many-requests",
+            )
+            assert refused.value.retry_after is not None
+            assert refused.value.retry_after >= 1
+            enrolled(client, other)  # another phone has its own budget
+            assert other.pending() == []
+            # Requests forged in a device's name do not spend its budget, but they spend the
+            # address's: 2 + 4 + 2 + 1 so far, 40 in all.
+            assert other.authenticator_id is not None
+            forged = sign_headers(
+                authenticator_id=other.authenticator_id,
+                signer=Authenticator(),
+                method="GET",
+                path="/device/v1/operations",
+                body=b"",
+            )
+            answers = [
+                httpx.get(f"{limited.url}/device/v1/operations", headers=forged).status_code
+                for _ in range(40 - 9 + 1)
+            ]
+            assert answers == [401] * (40 - 9) + [429]
+            refused_now = httpx.get(f"{limited.url}/device/v1/operations")
+            assert refused_now.status_code == 429
+            assert refused_now.headers["content-type"] == PROBLEM
+            assert int(refused_now.headers["Retry-After"]) >= 1
+            # The relying-party API has no part in the device API's buckets.
+            assert client.approve(username=username).status_token
+    finally:
+        phone.close()
+        other.close()
+    metrics = httpx.get(f"{limited.url}/metrics").text
+    assert 'tapsign_device_requests_limited_total{by="device"} 1' in metrics
+    assert 'tapsign_device_requests_limited_total{by="address"} 2' in metrics

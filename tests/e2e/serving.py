@@ -1,0 +1,115 @@
+"""A real tapsign server for the end-to-end tests and the crash test: ``tapsign serve``
+(Hypercorn, trio) on a loopback port, in a directory with its own SoftHSM2 token and SQLite
+database, set up by the same script ``make`` uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hsm.settings import default_module
+from tests.receiver import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+TAPSIGN = Path(sys.executable).with_name("tapsign")
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    access_key: str
+    directory: Path
+
+    def tapsign(self, *arguments: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: S603 - our own executable
+            [str(TAPSIGN), *arguments],
+            cwd=self.directory,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+
+
+def environment() -> dict[str, str]:
+    """This environment without tapsign's and SoftHSM2's variables: the server's directory
+    and its tapsign.toml say everything."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("TAPSIGN_", "SOFTHSM2_"))
+    }
+
+
+def prepare(directory: Path, *, config: str = "", callback_url: str | None = None) -> str:
+    """A token, keys, database and access key in ``directory``, with ``config`` as its
+    tapsign.toml; returns the access key."""
+    if not Path(default_module()).is_file():
+        pytest.skip("SoftHSM2 is not installed: run 'make test' to install it")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tapsign.toml").write_text(config)
+    subprocess.run(  # noqa: S603 - our own script
+        [str(ROOT / "softhsm-config" / "init-token.sh"), "var", str(TAPSIGN)],
+        cwd=directory,
+        env=environment(),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    command = [str(TAPSIGN), "keys", "create", "--name", "e2e", "--json"]
+    if callback_url is not None:
+        command += ["--callback-url", callback_url]
+    created = subprocess.run(  # noqa: S603
+        command, cwd=directory, env=environment(), check=True, capture_output=True, text=True
+    )
+    access_key: str = json.loads(created.stdout)["accessKey"]
+    return access_key
+
+
+def start(directory: Path, port: int, *, workers: int = 1) -> subprocess.Popen[bytes]:
+    """``tapsign serve`` in ``directory`` on ``port``, once it is ready; its output is
+    appended to ``server.log`` there."""
+    with (directory / "server.log").open("ab") as log:
+        process = subprocess.Popen(  # noqa: S603
+            [str(TAPSIGN), "serve", "--port", str(port), "--workers", str(workers)],
+            cwd=directory,
+            env=environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError((directory / "server.log").read_text())
+        time.sleep(0.05)
+
+
+@contextmanager
+def serving(directory: Path, *, workers: int = 1, config: str = "") -> Iterator[Server]:
+    """A server in ``directory`` for the duration of the block."""
+    access_key = prepare(directory, config=config)
+    port = free_port()
+    process = start(directory, port, workers=workers)
+    try:
+        yield Server(url=f"http://127.0.0.1:{port}", access_key=access_key, directory=directory)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
