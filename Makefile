@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 VAR    := var
 
 .DEFAULT_GOAL := run
-.PHONY: run test setup system-packages venv hsm db lint loadtest crashtest
+.PHONY: run test setup system-packages venv hsm db lint loadtest crashtest fuzz
 
 # make loadtest SCENARIO=mixed USERS=32 SPAWN_RATE=16 DURATION=60s [URL=… ACCESS_KEY=…]
 SCENARIO   ?= mixed
@@ -41,6 +41,14 @@ CLIENTS ?= 8
 crashtest: setup
 	@echo "==> crash test: $(CYCLES) kills and restarts under load from $(CLIENTS) clients"
 	$(BIN)/python -m tests.e2e.crash --cycles $(CYCLES) --clients $(CLIENTS)
+
+# make fuzz FUZZ_EXAMPLES=300: many more fuzz cases than make test runs
+FUZZ_EXAMPLES ?= 300
+
+fuzz: setup
+	@echo "==> fuzzing: $(FUZZ_EXAMPLES) cases per route and per property"
+	TAPSIGN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -s -p no:cacheprovider \
+	  tests/e2e/test_fuzz.py tests/api/test_messages.py tests/engine/test_payload.py
 
 lint: venv
 	@echo "==> ruff check, ruff format --check, mypy --strict"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.errors import InvalidInput
 from engine.model import (
@@ -21,6 +25,8 @@ from engine.model import (
 )
 from engine.payload import signed_payload
 
+#: Cases per property; ``make fuzz`` raises it.
+FUZZ_EXAMPLES = int(os.environ.get("TAPSIGN_FUZZ_EXAMPLES", "100"))
 AT = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 PAYMENT = Operation(
     id=UUID("6f9619ff-8b86-d011-b42d-00c04fc964ff"),
@@ -113,3 +119,39 @@ def test_kind_specific_fields() -> None:
     assert b'"publicKey":"BAEC"' in signed_payload(
         registration, **ANSWER, public_key=b"\x04\x01\x02"
     )
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(
+    message=st.text(max_size=300),
+    context=st.text(max_size=300) | st.none(),
+    name=st.text(max_size=140),
+    account=st.text(max_size=60),
+    amount=st.from_regex(r"\A[1-9][0-9]{0,11}(\.[0-9]{1,2})?\Z"),
+    counter=st.integers(min_value=0, max_value=2**53),
+)
+def test_the_payload_reads_back_to_exactly_what_was_shown(
+    message: str, context: str | None, name: str, account: str, amount: str, counter: int
+) -> None:
+    """Whatever the text (quotes, backslashes, separators, control and non-ASCII
+    characters), the bytes are ASCII JSON that decodes to exactly the fields shown and
+    re-encodes to the same bytes: no two different operations sign the same bytes."""
+    operation = msgspec.structs.replace(
+        PAYMENT,
+        message=message,
+        pre_context=context,
+        payment=Payment(amount=amount, currency="EUR", payee=Payee(name=name, account=account)),
+    )
+    data = signed_payload(operation, **{**ANSWER, "counter": counter})
+    decoded = json.loads(data.decode("ascii"))
+    assert (decoded["message"], decoded["context"], decoded["counter"]) == (
+        message,
+        context or "",
+        counter,
+    )
+    assert (decoded["amount"], decoded["payeeName"], decoded["payeeAccount"]) == (
+        amount,
+        name,
+        account,
+    )
+    assert json.dumps(decoded, sort_keys=True, separators=(",", ":")).encode() == data
