@@ -15,7 +15,7 @@ from api import wire
 from api.routing import Auth, Call, Services, route
 from api.tokens import TokenKind
 from engine.errors import OperationNotFound, OperationNotPending
-from engine.model import DeviceAnswer, Operation
+from engine.model import DeviceAnswer, FailureReason, Operation
 from engine.payload import FORMAT
 
 
@@ -41,6 +41,18 @@ def device_view(operation: Operation) -> wire.DeviceOperation:
         expires_at=operation.expires_at,
         payload_format=FORMAT,
     )
+
+
+#: Failures a phone is not told apart: which element of the authentication failed (the
+#: possession proof or the user verification) is for the relying party and the audit
+#: trail only (PSD2 RTS art. 4(3)(a)).
+_NOT_TOLD = frozenset({FailureReason.BAD_SIGNATURE, FailureReason.USER_VERIFICATION_MISSING})
+
+
+def _phone_reason(reason: FailureReason | None) -> str | None:
+    if reason is None:
+        return None
+    return "authentication-failed" if reason in _NOT_TOLD else reason.value
 
 
 def register(app: Quart, services: Services) -> None:
@@ -126,7 +138,7 @@ def register(app: Quart, services: Services) -> None:
         return wire.AnswerResult(
             transaction_id=operation.id,
             status="failed" if operation.status in ("cancelled", "expired") else operation.status,  # type: ignore[arg-type]
-            reason=operation.failure_reason.value if operation.failure_reason else None,
+            reason=_phone_reason(operation.failure_reason),
             authenticator_id=operation.device_id,
             post_operation_context=result.post_context,
         )

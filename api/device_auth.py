@@ -132,6 +132,10 @@ class DeviceRequests:
         self._nonces[nonce] = now + 2 * WINDOW
         return device
 
+    def forget(self, device_id: UUID) -> None:
+        """Read the device afresh next time: its state was changed through this process."""
+        self._recent.forget(device_id)
+
     def _forget_old(self, now: float) -> None:
         while self._nonces:
             nonce, expires = next(iter(self._nonces.items()))

@@ -558,6 +558,8 @@ def register(app: Quart, services: Services) -> None:
                 user = await identity.unlock_user(user_id, actor=call.actor)
             else:
                 user = await engine.deactivate_user(user_id, actor=call.actor)
+                for device in await identity.list_devices(user_id):
+                    services.devices.forget(device.id)  # refused from the next request on
             return await full_user(user)
 
         change.__doc__ = description
@@ -584,7 +586,10 @@ def register(app: Quart, services: Services) -> None:
     )
     async def delete_user(call: Call, user_id: UUID) -> None:
         """Deletes the user and its authenticators (204); the audit trail keeps its entries."""
+        devices = await identity.list_devices(user_id)
         await engine.delete_user(user_id, actor=call.actor)
+        for device in devices:
+            services.devices.forget(device.id)
 
     @route(
         app,
@@ -618,6 +623,7 @@ def register(app: Quart, services: Services) -> None:
                 device = await identity.lock_device(authenticator_id, actor=call.actor)
             else:
                 device = await identity.unlock_device(authenticator_id, actor=call.actor)
+            services.devices.forget(authenticator_id)
             return authenticator_view(device)
 
         change.__doc__ = description
@@ -644,3 +650,4 @@ def register(app: Quart, services: Services) -> None:
         """Revokes the authenticator at once and for good (PSD2 RTS art. 27): its
         signatures are refused from now on. The record stays, deactivated, for the audit."""
         await identity.deactivate_device(authenticator_id, actor=call.actor)
+        services.devices.forget(authenticator_id)

@@ -128,7 +128,7 @@ def test_failures_report_their_reason(client: Client, phone: Device, outcome: st
         shown = msgspec.structs.replace(
             operation, payment=msgspec.structs.replace(operation.payment, amount="9.90")
         )
-        assert phone.approve(operation, shown=shown).reason == "bad-signature"
+        assert phone.approve(operation, shown=shown).reason == "authentication-failed"
     elif outcome == "cancelled":
         assert client.cancel(started.transaction_id).reason == "cancelled"
         with pytest.raises(ApiError) as raised:
@@ -183,7 +183,7 @@ def test_five_failures_lock_the_device_until_unlocked(client: Client, phone: Dev
         client.approve(username=username)
         operation = phone.pending()[0]
         shown = msgspec.structs.replace(operation, message="not what was shown")
-        assert phone.approve(operation, shown=shown).reason == "bad-signature"
+        assert phone.approve(operation, shown=shown).reason == "authentication-failed"
     authenticator = client.get_authenticator(phone.authenticator_id)  # type: ignore[arg-type]
     assert (authenticator.state, authenticator.failed_attempts) == ("locked", 5)
     with pytest.raises(ApiError) as raised:
