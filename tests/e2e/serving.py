@@ -78,11 +78,11 @@ def prepare(directory: Path, *, config: str = "", callback_url: str | None = Non
 
 
 def start(directory: Path, port: int, *, workers: int = 1) -> subprocess.Popen[bytes]:
-    """``tapsign serve`` in ``directory`` on ``port``, once it is ready; its output is
-    appended to ``server.log`` there."""
+    """``tapsign serve`` in ``directory`` on ``port``, once it is ready; its output, at
+    INFO level, is appended to ``server.log`` there (tests/e2e/test_secrets.py reads it)."""
     with (directory / "server.log").open("ab") as log:
         process = subprocess.Popen(  # noqa: S603
-            [str(TAPSIGN), "serve", "--port", str(port), "--workers", str(workers)],
+            [str(TAPSIGN), "--verbose", "serve", "--port", str(port), "--workers", str(workers)],
             cwd=directory,
             env=environment(),
             stdout=log,
