@@ -7,6 +7,8 @@ authenticators), so that an integrator can switch by changing the base URL.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from uuid import UUID
 
 import trio
@@ -17,7 +19,13 @@ from api.qr import qr_code
 from api.recent import Recent
 from api.routing import Auth, Call, Services, route
 from api.tokens import INTENT_LIFETIME, RESULT_LIFETIME, STATUS_GRACE, TokenKind
-from engine.errors import Forbidden, InvalidInput, OperationNotFound, UserNotFound
+from engine.errors import (
+    Forbidden,
+    InvalidInput,
+    OperationNotFound,
+    TapsignError,
+    UserNotFound,
+)
 from engine.model import (
     Device,
     Operation,
@@ -96,24 +104,31 @@ def register(app: Quart, services: Services) -> None:
 
     async def links(operation: Operation) -> tuple[str, wire.QrCode, str]:
         """Status token, QR code and app link (holding the dispatch token) of an operation."""
-        tokens: dict[TokenKind, str] = {}
-
-        async def into(kind: TokenKind) -> None:
-            tokens[kind] = await issue(kind, operation)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(into, TokenKind.STATUS)
-            nursery.start_soon(into, TokenKind.DISPATCH)
-        app_link = f"{services.base_url}/open?dispatchToken={tokens[TokenKind.DISPATCH]}"
+        async with cancelled_on_failure(operation):
+            status_token = await issue(TokenKind.STATUS, operation)
+            dispatch_token = await issue(TokenKind.DISPATCH, operation)
+        app_link = f"{services.base_url}/open?dispatchToken={dispatch_token}"
         # A 300 px PNG takes milliseconds of pure Python: off the event loop.
         qr = await trio.to_thread.run_sync(qr_code, app_link)
-        return tokens[TokenKind.STATUS], qr, app_link
+        return status_token, qr, app_link
+
+    @contextlib.asynccontextmanager
+    async def cancelled_on_failure(operation: Operation) -> AsyncIterator[None]:
+        """A stored operation whose tokens cannot be made (the HSM is away) is cancelled
+        before the error goes out: a caller told 503 has no transaction waiting on a phone."""
+        try:
+            yield
+        except TapsignError:
+            with contextlib.suppress(TapsignError):
+                await supervisor.cancel(operation.id)
+            raise
 
     async def started(operation: Operation, channel: str) -> wire.Started:
         if channel == "app":
             status_token, qr, app_link = await links(operation)
         else:
-            status_token, qr, app_link = await issue(TokenKind.STATUS, operation), None, None
+            async with cancelled_on_failure(operation):
+                status_token, qr, app_link = await issue(TokenKind.STATUS, operation), None, None
         return wire.Started(
             transaction_id=operation.id,
             status_token=status_token,

@@ -66,6 +66,10 @@ from engine.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 
+#: The connection or the server is gone (PostgreSQL restarted, SQLite locked past its
+#: timeout): the transaction is lost as a whole and the caller may retry.
+_CONNECTION_LOST = (sa.exc.OperationalError, sa.exc.InterfaceError)
+
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -136,7 +140,7 @@ class Store:
                 with connection.begin():
                     yield connection
                     _write_audit_head(connection)
-        except sa.exc.OperationalError as exc:
+        except _CONNECTION_LOST as exc:
             # The database went away or is locked beyond the timeout: retry later.
             log.warning("database unavailable: %s", type(exc.orig).__name__)
             raise ServiceUnavailable("the database is unavailable", retry_after=1.0) from exc
@@ -204,6 +208,8 @@ class Store:
                     try:
                         with connection.begin_nested():
                             unit.result = outcome.Value(unit.work(connection))
+                    except _CONNECTION_LOST:
+                        raise  # nothing of the group is committed: every unit gets the 503
                     except Exception as exc:
                         # The unit's savepoint is rolled back: so are its audit entries.
                         unit.result = outcome.Error(exc)

@@ -25,6 +25,11 @@ pooled sessions are opened without a PIN and are closed without logging out.
 *Errors.* :func:`map_error` turns ``PKCS11Error`` into :mod:`hsm.errors`, here and only
 here. :meth:`Pkcs11Token.run` is the one place that recovers from a lost session: it
 drops every session of the lost generation, logs in again and retries the operation once.
+A key handle that turns invalid counts as a lost session (the token reloaded its objects).
+When the token cannot be found again, the module itself is restarted (``C_Finalize``,
+``C_Initialize``) once none of our sessions is in use, and until the token is back every
+request fails fast with :class:`~hsm.errors.HsmTransientError` (503): service resumes by
+itself, without restarting tapsign (tests/e2e/test_faults.py).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +72,8 @@ CKS_USER_STATES = (1, 3)  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS
 
 #: How long a thread waits for a free session before it is told the HSM is busy.
 CHECKOUT_TIMEOUT_SECONDS = 5.0
+#: Least time between two restarts of the module while the token is lost.
+RESTART_INTERVAL_SECONDS = 2.0
 
 
 class _InitializeArgs(ctypes.Structure):
@@ -103,17 +111,18 @@ _C_InitToken = ctypes.CFUNCTYPE(
 _C_GetSessionInfo = ctypes.CFUNCTYPE(CK_RV, ctypes.c_ulong, ctypes.POINTER(_SessionInfo))
 _C_Login = ctypes.CFUNCTYPE(CK_RV, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong)
 _C_Logout = ctypes.CFUNCTYPE(CK_RV, ctypes.c_ulong)
+_C_Finalize = ctypes.CFUNCTYPE(CK_RV, ctypes.c_void_p)
 
 
 class _FunctionList(ctypes.Structure):
     """The head of ``CK_FUNCTION_LIST`` in the standard's order, up to ``C_Logout``: the calls
-    python-pkcs11 does not offer (initialise with locking, make a token, inspect and restore
-    a login without opening a session)."""
+    python-pkcs11 does not offer (initialise with locking and finalise, make a token,
+    inspect and restore a login without opening a session)."""
 
     _fields_ = (
         ("version", _Version),
         ("C_Initialize", _C_Initialize),
-        ("C_Finalize", ctypes.c_void_p),
+        ("C_Finalize", _C_Finalize),
         ("C_GetInfo", ctypes.c_void_p),
         ("C_GetFunctionList", ctypes.c_void_p),
         ("C_GetSlotList", ctypes.c_void_p),
@@ -155,6 +164,12 @@ class _OsLockingLib(_pkcs11.lib):
         if rv not in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
             raise HsmPermanentError(f"C_Initialize of {self.so} failed (CKR 0x{rv:x})")
 
+    def restart(self) -> None:
+        """``C_Finalize`` then ``C_Initialize``: the module forgets every session and reads
+        its slots and tokens afresh. Only safe while no other thread is inside the module."""
+        _function_list(self.so).C_Finalize(None)
+        self.initialize()
+
 
 _modules: dict[str, _OsLockingLib] = {}
 _modules_lock = threading.Lock()
@@ -185,8 +200,11 @@ def load_module(path: str, *, softhsm2_conf: str | None = None) -> _OsLockingLib
         return module
 
 
-# Session or login gone: reconnect and retry. PKCS#11 v2.40 §5.1 return values.
+# Session or login gone: reconnect and retry. PKCS#11 v2.40 §5.1 return values. A key
+# handle that is no longer valid means the token dropped its objects (SoftHSM2 does when
+# its token directory goes away and comes back): the sessions' cached handles go too.
 _SESSION_LOST = (
+    exceptions.ObjectHandleInvalid,
     exceptions.SessionHandleInvalid,
     exceptions.SessionClosed,
     exceptions.DeviceRemoved,
@@ -194,6 +212,13 @@ _SESSION_LOST = (
     exceptions.TokenNotPresent,
     exceptions.TokenNotRecognised,
     exceptions.UserNotLoggedIn,
+)
+# The login was refused for its PIN: nothing a retry would change.
+_PIN_REFUSED = (
+    exceptions.PinIncorrect,
+    exceptions.PinInvalid,
+    exceptions.PinLenRange,
+    exceptions.PinLocked,
 )
 # Busy or short of resources: retry later, nothing to reconnect.
 _TRANSIENT = (
@@ -215,10 +240,10 @@ def map_error(exc: exceptions.PKCS11Error) -> HsmError:
         return KeyNotFound("no such key on the HSM token")
     if isinstance(exc, exceptions.NoSuchToken):
         return HsmPermanentError(f"no PKCS#11 token with the configured label ({name})")
-    if isinstance(exc, exceptions.PinIncorrect | exceptions.PinInvalid | exceptions.PinLenRange):
-        return HsmPermanentError("HSM login refused: the configured PIN is wrong")
     if isinstance(exc, exceptions.PinLocked):
         return HsmPermanentError("HSM login refused: the user PIN is locked")
+    if isinstance(exc, _PIN_REFUSED):
+        return HsmPermanentError("HSM login refused: the configured PIN is wrong")
     return HsmPermanentError(f"HSM operation failed ({name})")
 
 
@@ -256,6 +281,7 @@ class Pkcs11Token:
         self._open_sessions = 0
         self._generation = 0
         self._key_epoch = 0
+        self._restarted_at = -RESTART_INTERVAL_SECONDS
         self._token: pkcs11.Token | None = None
         self._login: pkcs11.Session | None = None
         self._closed = False
@@ -320,7 +346,7 @@ class Pkcs11Token:
 
     # -- pool ----------------------------------------------------------------------------
 
-    def _connect(self) -> None:
+    def _connect(self, *, recovering: bool = False) -> None:
         try:
             token = self._lib.get_token(token_label=self.token_label)
         except exceptions.NoSuchToken as exc:
@@ -328,15 +354,44 @@ class Pkcs11Token:
                 f"no PKCS#11 token labelled {self.token_label!r} is present", retry_after=5.0
             ) from exc
         except exceptions.PKCS11Error as exc:
-            raise map_error(exc) from exc
+            if not recovering:
+                raise map_error(exc) from exc
+            token = self._token_after_restart(exc)
         try:
             login = token.open(user_pin=self._pin, rw=True)
         except exceptions.UserAlreadyLoggedIn:
             # Another Pkcs11Token of this process logged in; share its login, never log out.
             login = token.open(rw=True)
         except exceptions.PKCS11Error as exc:
+            if recovering and not isinstance(exc, _PIN_REFUSED):
+                raise HsmTransientError(
+                    f"the HSM token is unavailable ({type(exc).__name__})", retry_after=5.0
+                ) from exc
             raise map_error(exc) from exc
         self._token, self._login = token, login
+
+    def _token_after_restart(self, failure: exceptions.PKCS11Error) -> pkcs11.Token:
+        """The token, found again after restarting the module, when a lost token cannot be
+        found any more: SoftHSM2, whose token directory went away, answers every slot
+        query with ``CKR_GENERAL_ERROR`` until ``C_Finalize`` and ``C_Initialize``, and a
+        network HSM that dropped the connection may too. The restart happens only while
+        none of our sessions is in use (every other thread is outside the module) and at
+        most every ``RESTART_INTERVAL_SECONDS``; otherwise, or if the token is still away,
+        :class:`HsmTransientError`: the API answers 503 and the next request tries again.
+        """
+        unavailable = HsmTransientError(
+            f"the HSM token is unavailable ({type(failure).__name__})", retry_after=5.0
+        )
+        now = time.monotonic()
+        if self._open_sessions > 0 or now - self._restarted_at < RESTART_INTERVAL_SECONDS:
+            raise unavailable from failure
+        self._restarted_at = now
+        log.warning("HSM token lost (%s): restarting the PKCS#11 module", type(failure).__name__)
+        try:
+            self._lib.restart()
+            return self._lib.get_token(token_label=self.token_label)
+        except (exceptions.PKCS11Error, HsmError) as exc:
+            raise unavailable from exc
 
     def _checkout(self) -> PooledSession:
         with self._condition:
@@ -344,7 +399,7 @@ class Pkcs11Token:
                 if self._closed:
                     raise HsmTransientError("the HSM token is closed")
                 if self._login is None:
-                    self._connect()
+                    self._connect(recovering=True)
                 if self._idle:
                     pooled = self._idle.pop()
                     if pooled.generation != self._generation:
@@ -397,7 +452,7 @@ class Pkcs11Token:
             # Connect again now if we can; if not, the next checkout tries again.
             if self._login is None:
                 try:
-                    self._connect()
+                    self._connect(recovering=True)
                 except HsmError as exc:
                     log.warning("HSM not back yet: %s", exc)
 

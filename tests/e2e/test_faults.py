@@ -1,0 +1,257 @@
+"""Faults of what tapsign stands on, against real servers: the HSM token going away and
+coming back, PostgreSQL dropping every connection under load, and two tapsign processes on
+one PostgreSQL database answering the same transaction at once. (SIGKILL of tapsign itself:
+tests/e2e/test_crash.py; a callback receiver down for minutes:
+tests/engine/test_callbacks.py.)"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from api.wire import Started
+from sdk.client import ApiError, Client
+from sdk.device import Device
+from tests.e2e.serving import Server, prepare, serving, start
+from tests.e2e.test_attacks import answer_body, send_answer
+from tests.e2e.test_flows import enrolled
+from tests.engine.conftest import POSTGRES_MISSING, POSTGRES_URL
+from tests.receiver import free_port
+
+HSM_UNAVAILABLE = "https://tapsign.dev/problems/hsm-unavailable"
+
+
+def test_the_hsm_going_away_fails_fast_with_503_and_service_resumes_by_itself(
+    tmp_path: Path,
+) -> None:
+    with (
+        serving(tmp_path / "server") as server,
+        Client(server.url, server.access_key, timeout=10) as client,
+    ):
+        phone = Device(server.url)
+        username = enrolled(client, phone)
+        tokens = server.directory / "var" / "softhsm" / "tokens"
+        away = tokens.with_name("tokens-away")
+        tokens.rename(away)  # the token is gone: its files, and with them its keys
+        try:
+            for _ in range(3):  # each within the client's 10 s, not hanging on the HSM
+                with pytest.raises(ApiError) as refused:
+                    client.approve(username=username)
+                assert (refused.value.status, refused.value.problem_type) == (503, HSM_UNAVAILABLE)
+                assert refused.value.retry_after is not None
+            ready = httpx.get(f"{server.url}/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["detail"].startswith("hsm: the HSM token is unavailable")
+            # What needs no HSM key still works.
+            assert client.find_user(username).username == username
+        finally:
+            away.rename(tokens)
+        started = _when_back(client, username)
+        # The starts refused while the token was away left nothing on the phone.
+        (operation,) = phone.pending()
+        assert operation.id == started.transaction_id
+        phone.approve(operation)
+        assert client.wait_for_result(started.status_token).status == "succeeded"
+        assert httpx.get(f"{server.url}/readyz").json()["hsm"] == "ok"
+        phone.close()
+    assert "restarting the PKCS#11 module" in (server.directory / "server.log").read_text()
+
+
+def _when_back(client: Client, username: str) -> Started:
+    """The first start that goes through: the token is back, without a restart."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return client.approve(username=username)
+        except ApiError as exc:
+            refused = exc
+        assert refused.status == 503
+        assert time.monotonic() < deadline, "the HSM did not come back"
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """The URL of a fresh schema in the test database."""
+    if POSTGRES_MISSING:
+        pytest.skip(POSTGRES_MISSING)
+    schema = f"e2e_{secrets.token_hex(6)}"
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    url = sa.make_url(POSTGRES_URL).update_query_dict(
+        {"options": f"-csearch_path={schema}", "application_name": schema}
+    )
+    yield url.render_as_string(hide_password=False)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+def _config(url: str) -> str:
+    """The server's tapsign.toml: PostgreSQL at ``url``; no rate limits (the load here comes
+    from one address, faster than a phone's)."""
+    return (
+        f'[database]\nurl = "{url}"\n[ratelimit]\naddress_per_second = 0\ndevice_per_second = 0\n'
+    )
+
+
+def _drop_connections(url: str) -> int:
+    """Terminate every connection of the server at ``url`` (its schema is its application
+    name), as a restart of PostgreSQL would; how many were dropped."""
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.connect() as connection:
+        dropped = connection.execute(
+            sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = :name"
+            ),
+            {"name": sa.make_url(url).query["application_name"]},
+        ).scalar_one()
+    admin.dispose()
+    return int(dropped)
+
+
+def _half_written(url: str) -> list[str]:
+    """Operations whose records do not agree: created without its audit entry, or ended
+    without the audit entry of its end."""
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.text(
+                "SELECT o.id, o.phase, "
+                "  (SELECT count(*) FROM audit_log a WHERE a.operation_id = o.id "
+                "   AND a.action = 'operation.created'), "
+                "  (SELECT count(*) FROM audit_log a WHERE a.operation_id = o.id "
+                "   AND a.action = 'operation.' || o.phase) "
+                "FROM operations o"
+            )
+        ).all()
+    engine.dispose()
+    return [
+        f"{identifier} {phase}: created {created}, ended {ended}"
+        for identifier, phase, created, ended in rows
+        if created != 1 or (phase in ("succeeded", "failed", "cancelled", "expired") and ended != 1)
+    ]
+
+
+def test_postgresql_dropping_every_connection_under_load(tmp_path: Path, postgres_url: str) -> None:
+    """Requests in flight when the connections die fail cleanly (503 problem, or they
+    succeed); no transaction is half written; service resumes with no restart."""
+    with serving(tmp_path / "server", config=_config(postgres_url)) as server:
+        outcomes: Counter[str] = Counter()
+        stop = threading.Event()
+
+        def load(username: str, phone: Device) -> None:
+            with Client(server.url, server.access_key, timeout=30) as client:
+                while not stop.is_set():
+                    try:
+                        started = client.approve(username=username)
+                        pending = [op for op in phone.pending() if op.id == started.transaction_id]
+                        if pending:
+                            phone.approve(pending[0])
+                        outcomes["ok"] += 1
+                    except ApiError as exc:
+                        outcomes[f"{exc.status} {exc.problem_type}"] += 1
+                        time.sleep(0.1)
+
+        with Client(server.url, server.access_key) as client:
+            users = [
+                (enrolled(client, phone), phone) for phone in (Device(server.url) for _ in range(4))
+            ]
+        threads = [threading.Thread(target=load, args=user) for user in users]
+        for thread in threads:
+            thread.start()
+        try:
+            dropped = 0
+            for _ in range(3):
+                time.sleep(1.5)
+                dropped += _drop_connections(postgres_url)
+        finally:
+            time.sleep(1.5)
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+        assert dropped > 0
+        failures = {name: count for name, count in outcomes.items() if name != "ok"}
+        # Only clean refusals: the database (or, for a start, the HSM) said unavailable.
+        assert all(name.startswith("503 ") for name in failures), outcomes
+        assert outcomes["ok"] > 0
+        # Service resumed: a whole transaction goes through.
+        with Client(server.url, server.access_key) as client:
+            username, phone = users[0]
+            started = client.approve(username=username)
+            (operation,) = [op for op in phone.pending() if op.id == started.transaction_id]
+            phone.approve(operation)
+            assert client.wait_for_result(started.status_token).status == "succeeded"
+        for _, phone in users:
+            phone.close()
+    assert _half_written(postgres_url) == []
+
+
+def _race(
+    barrier: threading.Barrier,
+    server: Server,
+    phone: Device,
+    transaction: UUID,
+    body: bytes,
+    results: Counter[str],
+) -> None:
+    barrier.wait()
+    response = send_answer(server, phone, transaction, body)
+    document = response.json()
+    outcome = document["type"] if response.status_code >= 400 else document["status"]
+    results[f"{response.status_code} {outcome}"] += 1
+
+
+def test_two_processes_on_one_postgresql_answer_at_once_and_exactly_one_wins(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    directory = tmp_path / "server"
+    access_key = prepare(directory, config=_config(postgres_url))
+    ports = [free_port(), free_port()]
+    processes = [start(directory, port) for port in ports]
+    first, second = (
+        Server(url=f"http://127.0.0.1:{port}", access_key=access_key, directory=directory)
+        for port in ports
+    )
+    try:
+        with Client(first.url, access_key) as client:
+            phone = Device(first.url)
+            username = enrolled(client, phone)
+            results: Counter[str] = Counter()
+            for _ in range(5):
+                started = client.approve(username=username)
+                operation = phone.pending()[0]
+                body = answer_body(phone.authenticator.answer(operation))
+                barrier = threading.Barrier(2)
+                threads = [
+                    threading.Thread(
+                        target=_race, args=(barrier, server, phone, operation.id, body, results)
+                    )
+                    for server in (first, second)
+                ]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(timeout=60)
+                assert client.wait_for_result(started.status_token).status == "succeeded"
+            phone.close()
+        assert results == {
+            "200 succeeded": 5,
+            "409 https://tapsign.dev/problems/transaction-not-pending": 5,
+        }
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+    assert _half_written(postgres_url) == []
