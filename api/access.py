@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Iterable
 
 from sqlalchemy.engine import Connection
 
 from api.recent import Recent
+from api.wire import CALLBACK_URL
 from engine import store as db
 from engine.errors import InvalidInput, NotFound, Unauthorized
 from engine.model import Clock
@@ -47,7 +49,7 @@ class AccessKeys:
             raise InvalidInput(f"scopes are some of {', '.join(sorted(SCOPES))}", field="scopes")
         if not 1 <= len(name) <= 100:
             raise InvalidInput("a key name has 1 to 100 characters", field="name")
-        if callback_url is not None and not callback_url.startswith(("https://", "http://")):
+        if callback_url is not None and not re.match(CALLBACK_URL, callback_url):
             raise InvalidInput("the callback URL is an http(s) URL", field="callbackUrl")
         key_id, secret = secrets.token_hex(5), secrets.token_urlsafe(32)
         record = AccessKeyRecord(

@@ -8,6 +8,8 @@ unexpected as a generic 500 whose details go to the log, never to the caller.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any
 
 import msgspec
@@ -40,6 +42,10 @@ class _HttpError(TapsignError):
         return f"https://tapsign.dev/problems/{self.slug}"
 
 
+#: Set in the app's config when the engine stopped on an error (api/server.py exits 1).
+ENGINE_FAILED = "TAPSIGN_ENGINE_FAILED"
+
+
 class Health(msgspec.Struct, frozen=True):
     status: str
     database: str
@@ -52,9 +58,22 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     engine = services.engine
 
+    async def run_engine(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The engine, for as long as the server runs. Should it stop on an error, the
+        process must not go on answering without it: the error is logged and the server
+        shuts down (``tapsign serve`` then exits with status 1, for its supervisor to
+        restart it; everything acknowledged is stored, tests/e2e/test_crash.py)."""
+        try:
+            await engine.run(task_status=task_status)
+        except Exception:
+            log.critical("the engine stopped on an error; shutting down", exc_info=True)
+            app.config[ENGINE_FAILED] = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise
+
     @app.before_serving
     async def start_engine() -> None:
-        await app.nursery.start(engine.run)
+        await app.nursery.start(run_engine)
 
     @app.errorhandler(TapsignError)
     async def tapsign_error(error: TapsignError) -> Response:

@@ -16,7 +16,7 @@ from quart_trio import QuartTrio
 
 from api.access import AccessKeys
 from api.admission import Admission
-from api.app import create_app
+from api.app import ENGINE_FAILED, create_app
 from api.device_auth import DeviceRequests
 from api.ratelimit import RateLimit
 from api.routing import Services
@@ -122,3 +122,5 @@ async def serve(
 
     log.info("tapsign serving on %s", settings.server.base_url())
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_on_signal, task_status=task_status)  # type: ignore[arg-type]
+    if app.config.get(ENGINE_FAILED):
+        raise SystemExit(1)

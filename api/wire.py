@@ -64,7 +64,19 @@ Amount = Annotated[
     ),
 ]
 Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", examples=["EUR"])]
-CallbackUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000)]
+#: An http(s) URL with a host name or bracketed IPv6 address, in printable ASCII without
+#: spaces or user information.
+CALLBACK_URL = (
+    r"^(?!.*\s)https?://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?([/?#][!-~]*)?$"
+)
+CallbackUrl = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=CALLBACK_URL,
+        max_length=2000,
+        description="Where the callbacks of this transaction go (http or https).",
+    ),
+]
 ExpiresIn = Annotated[int, msgspec.Meta(ge=5, le=86_400, description="Lifetime in seconds.")]
 
 

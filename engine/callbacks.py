@@ -205,6 +205,9 @@ class CallbackDeliverer:
             response = await self._client.post(item.url, content=item.body, headers=headers)
         except httpx.HTTPError as exc:
             return type(exc).__name__
+        except Exception as exc:  # e.g. httpx.InvalidURL: this callback fails, not the rest
+            log.warning("callback %s cannot be sent to its URL: %r", item.id, exc)
+            return type(exc).__name__
         if 200 <= response.status_code < 300:
             return None
         return f"HTTP {response.status_code}"

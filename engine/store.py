@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from engine import audit
 from engine.audit import AuditEntry
-from engine.errors import ServiceUnavailable
+from engine.errors import InvalidInput, ServiceUnavailable
 from engine.model import (
     Decision,
     Device,
@@ -144,6 +144,8 @@ class Store:
             # The database went away or is locked beyond the timeout: retry later.
             log.warning("database unavailable: %s", type(exc.orig).__name__)
             raise ServiceUnavailable("the database is unavailable", retry_after=1.0) from exc
+        except sa.exc.DataError as exc:
+            raise _unstorable(exc) from exc
 
     async def write(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in a write transaction, in a worker thread; committed on return.
@@ -212,7 +214,7 @@ class Store:
                         raise  # nothing of the group is committed: every unit gets the 503
                     except Exception as exc:
                         # The unit's savepoint is rolled back: so are its audit entries.
-                        unit.result = outcome.Error(exc)
+                        unit.result = outcome.Error(_unstorable(exc))
                         if head is None or saved is None:
                             connection.info.pop(_AUDIT, None)
                         else:
@@ -227,6 +229,14 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _unstorable(error: Exception) -> Exception:
+    """A value the database cannot store (PostgreSQL refuses NUL characters in text) is the
+    request's fault: 422, not a server error. Anything else is returned as it is."""
+    if isinstance(error, sa.exc.DataError):
+        return InvalidInput(f"a value cannot be stored: {type(error.orig).__name__}")
+    return error
 
 
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:

@@ -184,6 +184,24 @@ async def test_a_failing_endpoint_holds_up_no_one_else(
     assert (row.delivered_at, row.last_error) == (None, "HTTP 500")
 
 
+async def test_a_url_that_cannot_be_sent_to_fails_its_callback_only(
+    engine: Engine, receiver: Receiver, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The API refuses such URLs (api/wire.py); one stored before, or written by another
+    version, must not stop the deliverer and with it the engine."""
+    with clock_stopped(autojump_clock):
+        _, user_id = await enrol(engine)
+        broken = await start(engine, user_id, "http://a\u007f/")
+        await engine.supervisor.cancel(broken)
+        healthy = await start(engine, user_id, receiver.url("/fine"))
+        await engine.supervisor.cancel(healthy)
+    await eventually(lambda: engine.callbacks.statistics().delivered == 1)
+    await eventually(lambda: engine.callbacks.statistics().retried >= 1)
+    row = next(row for row in outbox_rows(engine) if row.operation_id == broken)
+    assert (row.delivered_at, row.last_error) == (None, "InvalidURL")
+    assert [received.path for received in receiver.received] == ["/fine"]
+
+
 async def test_deliveries_are_given_up_after_the_limit(
     engine_factory: EngineFactory, receiver: Receiver, autojump_clock: trio.testing.MockClock
 ) -> None:

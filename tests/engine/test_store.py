@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 
 from engine import audit
 from engine import store as db
-from engine.errors import UsernameTaken
+from engine.errors import InvalidInput, UsernameTaken
 from engine.store import Store
 
 
@@ -67,3 +67,33 @@ async def test_a_stopped_writer_fails_what_waits(store: Store) -> None:
         nursery.cancel_scope.cancel()
     # Stopped: back to unit-by-unit writes.
     assert await store.write(lambda connection: 7) == 7
+
+
+async def test_a_value_the_database_cannot_store_is_invalid_input_not_a_crash(
+    store: Store,
+) -> None:
+    """PostgreSQL refuses NUL in text; SQLite stores it. Either way the caller gets an
+    answer it can act on, grouped or not, and the writer goes on."""
+    now = datetime.now(UTC)
+
+    def work(connection: Connection) -> None:
+        db.append_audit(connection, at=now, actor="nul\x00actor", action="a", outcome="ok")
+
+    async def attempt() -> str:
+        try:
+            await store.write(work)
+        except InvalidInput as exc:
+            return f"refused: {exc}"
+        return "stored"
+
+    alone = await attempt()
+    async with trio.open_nursery() as service:
+        await service.start(store.run)
+        grouped = await attempt()
+        await store.write(lambda c: db.append_audit(c, at=now, actor="t", action="b", outcome="ok"))
+        service.cancel_scope.cancel()
+    if store.sqlite:
+        assert (alone, grouped) == ("stored", "stored")
+    else:
+        assert alone == grouped
+        assert alone.startswith("refused: a value cannot be stored")
