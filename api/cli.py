@@ -31,17 +31,19 @@ from api.access import SCOPES, AccessKeys
 from api.demo import DemoFailed, run_demo
 from api.server import hypercorn_config, serve
 from api.settings import Settings, load_settings
-from engine.audit import verify_chain
+from engine.audit import CHECKPOINT_AUDIENCE, AuditEntry, verify_chain, verify_checkpoint
 from engine.benchmark import bench_memory
 from engine.errors import TapsignError
 from engine.identity import Identity
 from engine.model import Device, User, utc_now
 from engine.store import AccessKeyRecord, Store, read_audit
 from hsm.benchmark import bench_verify
+from hsm.errors import InvalidToken
 from hsm.keyring import KeyPurpose, Keyring, open_keyring
 from hsm.keystores import Pkcs11KeyStore
 from hsm.pkcs11_token import initialise_token
 from hsm.settings import read_pin
+from hsm.tokens import TokenSigner
 from hsm.verify_backends import make_verify_backend
 from sdk.client import ApiError
 
@@ -165,19 +167,62 @@ def db_upgrade(settings: Settings, arguments: argparse.Namespace) -> None:
     print(f"database {store.url.render_as_string(hide_password=True)} is at the newest schema")
 
 
-def audit_verify(settings: Settings, arguments: argparse.Namespace) -> None:
+def _read_audit(settings: Settings) -> tuple[list[AuditEntry], int, bytes]:
     store = Store(settings.database)
     try:
         with store.transaction(write=False) as connection:
-            entries, head_seq, head_hash = read_audit(connection)
+            return read_audit(connection)
     finally:
         store.close()
+
+
+def _checkpoints(keyring: Keyring, settings: Settings) -> TokenSigner:
+    return TokenSigner(keyring, KeyPurpose.TOKEN, issuer=settings.server.base_url())
+
+
+def audit_checkpoint(settings: Settings, arguments: argparse.Namespace) -> None:
+    """Print the head of the trail signed in the HSM (a JWT), for safekeeping elsewhere."""
+    _, head_seq, head_hash = _read_audit(settings)
+    with _keyring(settings) as keyring:
+        token = _checkpoints(keyring, settings).encode(
+            {
+                "aud": CHECKPOINT_AUDIENCE,
+                "sub": "audit-trail",
+                "iat": int(utc_now().timestamp()),
+                "seq": head_seq,
+                "hash": head_hash.hex(),
+            },
+            token_type="audit-checkpoint+jwt",  # noqa: S106 - a JWT "typ", not a secret
+        )
+    print(token)
+
+
+def audit_verify(settings: Settings, arguments: argparse.Namespace) -> None:
+    entries, head_seq, head_hash = _read_audit(settings)
     problems = verify_chain(entries, head_seq=head_seq, head_hash=head_hash)
+    checked = 0
+    if arguments.checkpoints is not None:
+        lines = Path(arguments.checkpoints).read_text(encoding="utf-8").split()
+        with _keyring(settings) as keyring:
+            signer = _checkpoints(keyring, settings)
+            for number, line in enumerate(lines, start=1):
+                try:
+                    claims = signer.decode(line, audience=CHECKPOINT_AUDIENCE, required=("iat",))
+                except InvalidToken as exc:
+                    problems.append(f"checkpoint {number} is not validly signed ({exc.reason})")
+                    continue
+                problem = verify_checkpoint(
+                    entries, seq=int(claims["seq"]), hash=bytes.fromhex(str(claims["hash"]))
+                )
+                if problem is not None:
+                    problems.append(f"checkpoint {number}: {problem}")
+                checked += 1
     for problem in problems:
         print(f"  {problem}")
     if problems:
         raise TapsignError(f"the audit trail is damaged: {len(problems)} problems")
-    print(f"the audit trail is intact: {len(entries):,} entries")
+    against = f", and agrees with {checked} signed checkpoints" if checked else ""
+    print(f"the audit trail is intact: {len(entries):,} entries{against}")
 
 
 def serve_command(settings: Settings, arguments: argparse.Namespace) -> None:
@@ -420,7 +465,14 @@ def _parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="the audit trail").add_subparsers(
         dest="audit_command", required=True
     )
-    audit.add_parser("verify", help="check the hash chain").set_defaults(handler=audit_verify)
+    verify_audit = audit.add_parser("verify", help="check the hash chain")
+    verify_audit.add_argument(
+        "--checkpoints", help="a file of signed checkpoints (one per line) to check against"
+    )
+    verify_audit.set_defaults(handler=audit_verify)
+    audit.add_parser(
+        "checkpoint", help="print the head of the trail signed in the HSM, to keep elsewhere"
+    ).set_defaults(handler=audit_checkpoint)
 
     server = commands.add_parser("serve", help="run the HTTP server (Hypercorn, trio)")
     server.add_argument("--host", help="bind address (default 127.0.0.1)")

@@ -6,8 +6,10 @@ appends one entry, in the same transaction as the change it records. Entry ``n``
 one-row head records the newest ``(seq, hash)``. :func:`verify_chain` recomputes the chain:
 an edited entry breaks its own hash, a removed or reordered one breaks the sequence or the
 link, a truncated tail disagrees with the head. (Whoever can rewrite the whole table and
-the head can rewrite history; checkpoints of the head signed in the HSM and kept elsewhere
-close that gap and are future work.)
+the head can rewrite history; ``tapsign audit checkpoint`` closes that gap: it signs the
+head in the HSM, the operator keeps the signed checkpoints elsewhere, and ``tapsign audit
+verify --checkpoints FILE`` checks that the trail still holds every checkpointed entry with
+its hash, so a rewrite of the whole table before the newest checkpoint is found too.)
 
 Entries name the operation, user and device by id only: no attribute values, contexts,
 keys or tokens ever enter the trail.
@@ -24,6 +26,8 @@ from uuid import UUID
 import msgspec
 
 GENESIS_HASH = bytes(32)
+#: The audience of a signed checkpoint of the trail's head (``tapsign audit checkpoint``).
+CHECKPOINT_AUDIENCE = "tapsign:audit-checkpoint"
 
 
 class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,3 +80,14 @@ def verify_chain(entries: Iterable[AuditEntry], *, head_seq: int, head_hash: byt
     if expected_seq - 1 != head_seq or previous != head_hash:
         problems.append(f"the trail ends at entry {expected_seq - 1}, the head says {head_seq}")
     return problems
+
+
+def verify_checkpoint(entries: Iterable[AuditEntry], *, seq: int, hash: bytes) -> str | None:
+    """What is wrong with the trail against a checkpoint ``(seq, hash)`` whose signature
+    was verified; None if the trail holds entry ``seq`` with that hash."""
+    for entry in entries:
+        if entry.seq == seq:
+            if entry.hash != hash:
+                return f"entry {seq} differs from its signed checkpoint"
+            return None
+    return f"entry {seq} of a signed checkpoint is missing"

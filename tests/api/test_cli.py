@@ -7,6 +7,7 @@ module is initialised per process, so these do not share the test session's toke
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -15,10 +16,13 @@ import sqlite3
 import stat
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
+from engine.audit import AuditEntry, entry_hash
 from hsm.settings import default_module
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,3 +191,67 @@ def test_bench_memory_reports_bytes_per_pending_operation(workdir: Path) -> None
     assert report["operations"] == 2000
     assert report["resident_after_mib"] > report["resident_before_mib"]
     assert report["bytes_per_operation"] > 0
+
+
+def test_signed_checkpoints_find_a_rewrite_of_the_whole_trail(workdir: Path) -> None:
+    """Checklist item 16: whoever rewrites every entry and the head keeps the chain
+    consistent, but not the checkpoints signed in the HSM before."""
+    set_up(workdir)
+    run(workdir, str(TAPSIGN), "keys", "create", "--name", "first")  # audit entry 1
+    checkpoints = workdir / "checkpoints.jwt"
+    checkpoints.write_text(run(workdir, str(TAPSIGN), "audit", "checkpoint").stdout)
+    run(workdir, str(TAPSIGN), "keys", "create", "--name", "second")  # entry 2
+    with checkpoints.open("a") as kept:
+        kept.write(run(workdir, str(TAPSIGN), "audit", "checkpoint").stdout)
+    intact = run(workdir, str(TAPSIGN), "audit", "verify", "--checkpoints", str(checkpoints))
+    assert intact.stdout == (
+        "the audit trail is intact: 2 entries, and agrees with 2 signed checkpoints\n"
+    )
+    # Rewrite history consistently: entry 1 names someone else, every hash recomputed.
+    database = workdir / "var" / "tapsign.db"
+    with sqlite3.connect(database) as connection:
+        rows = connection.execute(
+            "select seq, at, actor, action, operation_id, user_id, device_id, outcome, reason"
+            " from audit_log order by seq"
+        ).fetchall()
+        previous = bytes(32)
+        for seq, at, actor, action, operation, user, device, outcome, reason in rows:
+            entry = AuditEntry(
+                seq=seq,
+                at=datetime.fromisoformat(at).replace(tzinfo=UTC),
+                actor="someone else" if seq == 1 else actor,
+                action=action,
+                operation_id=operation and UUID(operation),
+                user_id=user and UUID(user),
+                device_id=device and UUID(device),
+                outcome=outcome,
+                reason=reason,
+            )
+            digest = entry_hash(entry, previous)
+            connection.execute(
+                "update audit_log set actor = ?, prev_hash = ?, hash = ? where seq = ?",
+                (entry.actor, previous, digest, seq),
+            )
+            previous = digest
+        connection.execute("update audit_head set hash = ?", (previous,))
+    assert run(workdir, str(TAPSIGN), "audit", "verify").stdout.startswith(
+        "the audit trail is intact"
+    )
+    found = run(
+        workdir, str(TAPSIGN), "audit", "verify", "--checkpoints", str(checkpoints), check=False
+    )
+    assert found.returncode == 1
+    assert found.stdout == (
+        "  checkpoint 1: entry 1 differs from its signed checkpoint\n"
+        "  checkpoint 2: entry 2 differs from its signed checkpoint\n"
+    )
+    # A checkpoint edited to match the forgery no longer verifies.
+    header, claims, signature = checkpoints.read_text().split()[0].split(".")
+    forged = json.loads(base64.urlsafe_b64decode(claims + "=="))
+    forged["hash"] = previous.hex()
+    forged_claims = base64.urlsafe_b64encode(json.dumps(forged).encode()).rstrip(b"=").decode()
+    checkpoints.write_text(f"{header}.{forged_claims}.{signature}\n")
+    refused = run(
+        workdir, str(TAPSIGN), "audit", "verify", "--checkpoints", str(checkpoints), check=False
+    )
+    assert refused.stdout.startswith("  checkpoint 1 is not validly signed (InvalidSignatureError")
