@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from typing import Any
+from uuid import uuid4
 
 import msgspec
 import sqlalchemy as sa
 import trio
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -42,6 +44,8 @@ class _HttpError(TapsignError):
         return f"https://tapsign.dev/problems/{self.slug}"
 
 
+REQUEST_ID = "X-Request-Id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 #: Set in the app's config when the engine stopped on an error (api/server.py exits 1).
 ENGINE_FAILED = "TAPSIGN_ENGINE_FAILED"
 
@@ -75,6 +79,20 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
     async def start_engine() -> None:
         await app.nursery.start(run_engine)
 
+    @app.before_request
+    async def name_the_request() -> None:
+        """Every request has an id: the caller's ``X-Request-Id`` when it is a sensible
+        one, else a new one. It goes back in the response and into the log lines and audit
+        entries of refusals, so that a complaint can be matched to what tapsign recorded
+        (checklist item 15)."""
+        supplied = request.headers.get(REQUEST_ID, "")
+        g.request_id = supplied if _REQUEST_ID.match(supplied) else uuid4().hex
+
+    @app.after_request
+    async def return_the_request_id(response: Response) -> Response:
+        response.headers[REQUEST_ID] = g.get("request_id", "")
+        return response
+
     @app.errorhandler(TapsignError)
     async def tapsign_error(error: TapsignError) -> Response:
         if isinstance(error, Unauthorized | Forbidden):
@@ -87,7 +105,7 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:
-        log.exception("unexpected error", exc_info=error)
+        log.exception("unexpected error (request %s)", g.get("request_id"), exc_info=error)
         return problem_response(TapsignError("an unexpected error occurred"))
 
     relying_party.register(app, services)

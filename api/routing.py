@@ -18,7 +18,7 @@ from urllib.parse import parse_qs
 from uuid import UUID
 
 import msgspec
-from quart import Quart, Response, request
+from quart import Quart, Response, g, request
 from sqlalchemy.engine import Connection
 
 from api.access import AccessKeys
@@ -139,10 +139,18 @@ def decode_body(data: bytes, content_type: str | None, kind: Any) -> Any:
 async def record_refusal(services: Services, error: Unauthorized | Forbidden, actor: str) -> None:
     """Failures are generic to the caller and specific in the audit trail (RTS art. 4(3)(a))."""
     reason = error.reason if isinstance(error, Unauthorized) else str(error)
-    security.warning("refused %s %s: %s (%s)", request.method, request.path, reason, actor)
+    request_id = g.get("request_id", "")
+    security.warning(
+        "refused %s %s: %s (%s, request %s)",
+        request.method,
+        request.path,
+        reason,
+        actor,
+        request_id,
+    )
     now = services.clock()
     # Read the request here: the unit runs in the database writer's thread, outside it.
-    detail = f"{request.method} {request.path}: {reason}"[:300]
+    detail = f"{request.method} {request.path}: {reason}"[:260] + f" [request {request_id}]"
 
     def append(connection: Connection) -> None:
         db.append_audit(

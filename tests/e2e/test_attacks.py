@@ -332,3 +332,26 @@ def test_slow_clients_do_not_hold_up_others(server: Server, client: Client, phon
     finally:
         for connection in slow:
             connection.close()
+
+
+def test_checklist_15_every_request_has_an_id_that_ties_a_refusal_to_its_record(
+    server: Server,
+) -> None:
+    first, second = (httpx.get(f"{server.url}/healthz") for _ in range(2))
+    assert first.headers["X-Request-Id"] != second.headers["X-Request-Id"]
+    assert len(first.headers["X-Request-Id"]) == 32
+    refused = httpx.post(
+        f"{server.url}/api/v1/approval",
+        json={"username": "nobody"},
+        headers={"Authorization": "Bearer tsk_forged_key", "X-Request-Id": "complaint-4711-a"},
+    )
+    assert refused.status_code == 401
+    assert refused.headers["X-Request-Id"] == "complaint-4711-a"
+    junk = httpx.get(f"{server.url}/healthz", headers={"X-Request-Id": "no spaces allowed"})
+    assert junk.headers["X-Request-Id"] != "no spaces allowed"
+    assert any(
+        reason is not None and reason.endswith("[request complaint-4711-a]")
+        for _, _, reason in audit(server, "auth.refused")
+    )
+    log = (server.directory / "server.log").read_text()
+    assert "request complaint-4711-a)" in log
