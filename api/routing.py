@@ -150,7 +150,8 @@ async def record_refusal(services: Services, error: Unauthorized | Forbidden, ac
     )
     now = services.clock()
     # Read the request here: the unit runs in the database writer's thread, outside it.
-    detail = f"{request.method} {request.path}: {reason}"[:260] + f" [request {request_id}]"
+    suffix = f" [request {request_id}]"
+    detail = f"{request.method} {request.path}: {reason}"[: 300 - len(suffix)] + suffix
 
     def append(connection: Connection) -> None:
         db.append_audit(
