@@ -42,12 +42,14 @@ crashtest: setup
 	@echo "==> crash test: $(CYCLES) kills and restarts under load from $(CLIENTS) clients"
 	$(BIN)/python -m tests.e2e.crash --cycles $(CYCLES) --clients $(CLIENTS)
 
-# make fuzz FUZZ_EXAMPLES=300: many more fuzz cases than make test runs
+# make fuzz FUZZ_EXAMPLES=300: many more fuzz cases than make test runs, on SQLite and
+# PostgreSQL (skipped, with the reason, where PostgreSQL is not running)
 FUZZ_EXAMPLES ?= 300
 
 fuzz: setup
 	@echo "==> fuzzing: $(FUZZ_EXAMPLES) cases per route and per property"
-	TAPSIGN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -s -p no:cacheprovider \
+	TAPSIGN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TAPSIGN_FUZZ_DATABASES=sqlite,postgresql \
+	  $(BIN)/pytest -s -p no:cacheprovider \
 	  tests/e2e/test_fuzz.py tests/api/test_messages.py tests/engine/test_payload.py
 
 lint: venv

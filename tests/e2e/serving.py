@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from hsm.settings import default_module
+from tests.engine.conftest import POSTGRES_MISSING, POSTGRES_URL
 from tests.receiver import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,3 +116,25 @@ def serving(directory: Path, *, workers: int = 1, config: str = "") -> Iterator[
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """The URL of a fresh schema in the PostgreSQL test database, dropped afterwards; its
+    connections carry the schema's name as their application name. Skips the test when
+    PostgreSQL is not there."""
+    if POSTGRES_MISSING:
+        pytest.skip(POSTGRES_MISSING)
+    schema = f"e2e_{secrets.token_hex(6)}"
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    url = sa.make_url(POSTGRES_URL).update_query_dict(
+        {"options": f"-csearch_path={schema}", "application_name": schema}
+    )
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()

@@ -6,7 +6,6 @@ tests/engine/test_callbacks.py.)"""
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections import Counter
@@ -21,10 +20,10 @@ import sqlalchemy as sa
 from api.wire import Started
 from sdk.client import ApiError, Client
 from sdk.device import Device
-from tests.e2e.serving import Server, prepare, serving, start
+from tests.e2e.serving import Server, postgres_schema, prepare, serving, start
 from tests.e2e.test_attacks import answer_body, send_answer
 from tests.e2e.test_flows import enrolled
-from tests.engine.conftest import POSTGRES_MISSING, POSTGRES_URL
+from tests.engine.conftest import POSTGRES_URL
 from tests.receiver import free_port
 
 HSM_UNAVAILABLE = "https://tapsign.dev/problems/hsm-unavailable"
@@ -82,19 +81,8 @@ def _when_back(client: Client, username: str) -> Started:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """The URL of a fresh schema in the test database."""
-    if POSTGRES_MISSING:
-        pytest.skip(POSTGRES_MISSING)
-    schema = f"e2e_{secrets.token_hex(6)}"
-    admin = sa.create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    url = sa.make_url(POSTGRES_URL).update_query_dict(
-        {"options": f"-csearch_path={schema}", "application_name": schema}
-    )
-    yield url.render_as_string(hide_password=False)
-    with admin.begin() as connection:
-        connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    with postgres_schema() as url:
+        yield url
 
 
 def _config(url: str) -> str:

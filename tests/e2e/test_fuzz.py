@@ -9,6 +9,7 @@ route (``make fuzz`` runs many more than the suite).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -25,20 +26,28 @@ from schemathesis import GenerationMode
 from api.device_auth import sign_headers
 from sdk.client import Client
 from sdk.device import Device
-from tests.e2e.serving import Server, serving
+from tests.e2e.serving import Server, postgres_schema, serving
 from tests.e2e.test_flows import enrolled
 
 EXAMPLES = int(os.environ.get("TAPSIGN_FUZZ_EXAMPLES", "15"))
+#: The databases to fuzz against: SQLite in the suite, both in ``make fuzz``.
+DATABASES = os.environ.get("TAPSIGN_FUZZ_DATABASES", "sqlite").split(",")
 PROBLEM = "application/problem+json"
 #: Ids of a real user, device and transaction, filled in by the ``target`` fixture.
 known: dict[str, str] = {}
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Device]]:
-    """A server of its own (fuzzing spends the device API's address budget) and an
-    enrolled phone to sign device requests with."""
-    with serving(tmp_path_factory.mktemp("fuzz")) as server:
+@pytest.fixture(scope="module", params=DATABASES)
+def target(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, Device]]:
+    """A server of its own (fuzzing spends the device API's address budget), on SQLite or
+    PostgreSQL, and an enrolled phone to sign device requests with."""
+    with contextlib.ExitStack() as stack:
+        config = ""
+        if request.param == "postgresql":
+            config = f'[database]\nurl = "{stack.enter_context(postgres_schema())}"\n'
+        server = stack.enter_context(serving(tmp_path_factory.mktemp("fuzz"), config=config))
         phone, victim = Device(server.url), Device(server.url)
         with Client(server.url, server.access_key) as client:
             enrolled(client, phone)
