@@ -80,6 +80,34 @@ def register(app: Quart, services: Services) -> None:
     def client_id(call: Call) -> str | None:
         return call.client.id if call.client is not None else None
 
+    def operation_request(
+        call: Call,
+        body: wire.Approval | wire.Signature,
+        kind: OperationKind,
+        *,
+        payment: Payment | None = None,
+        text: str | None = None,
+    ) -> OperationRequest:
+        """What approvals and signatures ask of the engine alike, and their own part."""
+        return OperationRequest(
+            kind=kind,
+            user_id=body.user_id,
+            username=body.username if body.user_id is None else None,
+            device_id=body.authenticator_id,
+            message=body.message,
+            payment=payment,
+            text=text,
+            pre_context=body.pre_operation_context,
+            post_context=body.post_operation_context,
+            require_user_verification=body.require_user_verification,
+            expires_in=body.expires_in,
+            callback_url=callback_url(call, body.callback_url),
+            client_id=client_id(call),
+            push_notification=body.notification_message or body.message
+            if body.channel == "push"
+            else None,
+        )
+
     async def check_intent(call: Call, user_id: UUID | None, username: str | None) -> None:
         """An intent token is bound to one user: the request must name that user."""
         if call.grant is None:
@@ -264,25 +292,9 @@ def register(app: Quart, services: Services) -> None:
             )
         elif body.amount is not None or body.currency is not None or body.payee is not None:
             raise InvalidInput("a payment needs amount, currency and payee", field="amount")
+        kind = OperationKind.AUTHORISATION if payment else OperationKind.AUTHENTICATION
         operation = await supervisor.start(
-            OperationRequest(
-                kind=OperationKind.AUTHORISATION if payment else OperationKind.AUTHENTICATION,
-                user_id=body.user_id,
-                username=body.username if body.user_id is None else None,
-                device_id=body.authenticator_id,
-                message=body.message,
-                payment=payment,
-                pre_context=body.pre_operation_context,
-                post_context=body.post_operation_context,
-                require_user_verification=body.require_user_verification,
-                expires_in=body.expires_in,
-                callback_url=callback_url(call, body.callback_url),
-                client_id=client_id(call),
-                push_notification=body.notification_message or body.message
-                if body.channel == "push"
-                else None,
-            ),
-            actor=call.actor,
+            operation_request(call, body, kind, payment=payment), actor=call.actor
         )
         return await started(operation, body.channel)
 
@@ -305,23 +317,7 @@ def register(app: Quart, services: Services) -> None:
         text, the transaction, user and authenticator, the time and the phone's own
         signature."""
         operation = await supervisor.start(
-            OperationRequest(
-                kind=OperationKind.SIGNATURE,
-                user_id=body.user_id,
-                username=body.username if body.user_id is None else None,
-                device_id=body.authenticator_id,
-                message=body.message,
-                text=body.text,
-                pre_context=body.pre_operation_context,
-                post_context=body.post_operation_context,
-                require_user_verification=body.require_user_verification,
-                expires_in=body.expires_in,
-                callback_url=callback_url(call, body.callback_url),
-                client_id=client_id(call),
-                push_notification=body.notification_message or body.message
-                if body.channel == "push"
-                else None,
-            ),
+            operation_request(call, body, OperationKind.SIGNATURE, text=body.text),
             actor=call.actor,
         )
         return await started(operation, body.channel)

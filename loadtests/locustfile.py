@@ -37,7 +37,7 @@ from api import wire
 from api.device_auth import sign_headers
 from engine.model import Decision
 from sdk.client import Client
-from sdk.device import Authenticator, Device
+from sdk.device import Authenticator, Device, answer_message
 
 ACCESS_KEY = os.environ.get("TAPSIGN_LOADTEST_ACCESS_KEY", "")
 SCENARIO = os.environ.get("TAPSIGN_LOADTEST_SCENARIO", "mixed")
@@ -181,7 +181,7 @@ class RelyingPartyWithPhone(FastHttpUser):
         )
         phone = Authenticator()
         signed = phone.answer(redeemed)
-        body = _answer_body(signed)
+        body = msgspec.to_builtins(answer_message(signed))
         self._post(
             f"/device/v1/operations/{redeemed.id}/answer",
             body,
@@ -203,7 +203,7 @@ class RelyingPartyWithPhone(FastHttpUser):
         operation = self._fetch(started.transaction_id)
         signed = self.phone.answer(operation, decision=decision)
         answer_path = f"/device/v1/operations/{operation.id}/answer"
-        body = msgspec.json.encode(_answer_body(signed))
+        body = msgspec.json.encode(answer_message(signed))
         headers = {
             "Content-Type": "application/json",
             **sign_headers(
@@ -278,18 +278,3 @@ class RelyingPartyWithPhone(FastHttpUser):
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 raise TransactionFailed(f"{path}: HTTP {response.status_code}")
             return bytes(response.content)
-
-
-def _answer_body(signed: Any) -> dict[str, Any]:
-    document: dict[str, Any] = msgspec.to_builtins(
-        wire.Answer(
-            decision=signed.decision,
-            user_verification=signed.user_verification,
-            counter=signed.counter,
-            signature=signed.signature,
-            public_key=signed.public_key,
-            name=signed.device_name,
-            platform=signed.platform,
-        )
-    )
-    return document

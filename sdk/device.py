@@ -33,6 +33,19 @@ class Addressed(Signable, Protocol):
     def device_id(self) -> UUID: ...
 
 
+def answer_message(signed: DeviceAnswer) -> wire.Answer:
+    """What a phone sends for its signed answer (``POST …/answer``)."""
+    return wire.Answer(
+        decision=signed.decision,
+        user_verification=signed.user_verification,
+        counter=signed.counter,
+        signature=signed.signature,
+        public_key=signed.public_key,
+        name=signed.device_name,
+        platform=signed.platform,
+    )
+
+
 class Authenticator:
     """A phone's key, its counter and, once enrolled, its authenticator id."""
 
@@ -239,17 +252,7 @@ class Device:
         signed = self.authenticator.answer(
             operation, decision=decision, user_verification=user_verification
         )
-        body = msgspec.json.encode(
-            wire.Answer(
-                decision=signed.decision,
-                user_verification=signed.user_verification,
-                counter=signed.counter,
-                signature=signed.signature,
-                public_key=signed.public_key,
-                name=signed.device_name,
-                platform=signed.platform,
-            )
-        )
+        body = msgspec.json.encode(answer_message(signed))
         path = f"/device/v1/operations/{target or operation.id}/answer"
         headers = {"Content-Type": "application/json"}
         if token is not None:

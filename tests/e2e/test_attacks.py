@@ -23,12 +23,11 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from api import wire
 from api.device_auth import sign_headers
 from engine.model import DeviceAnswer
 from hsm.ecdsa import P256_ORDER, signature_scalars
 from sdk.client import Client, Payee
-from sdk.device import Authenticator, Device
+from sdk.device import Authenticator, Device, answer_message
 from tests.e2e.serving import Server
 from tests.e2e.test_flows import enrolled
 
@@ -53,14 +52,10 @@ def _uuid(value: Any) -> str | None:
 
 def answer_body(signed: DeviceAnswer, signature: bytes | None = None) -> bytes:
     """An answer as the SDK sends it, optionally with another ``signature``."""
-    return msgspec.json.encode(
-        wire.Answer(
-            decision=signed.decision,
-            user_verification=signed.user_verification,
-            counter=signed.counter,
-            signature=signed.signature if signature is None else signature,
-        )
-    )
+    message = answer_message(signed)
+    if signature is not None:
+        message = msgspec.structs.replace(message, signature=signature)
+    return msgspec.json.encode(message)
 
 
 def signed_request(phone: Device, path: str, body: bytes) -> dict[str, str]:

@@ -155,7 +155,7 @@ def _body(request: dict[str, Any], headers: dict[str, str]) -> bytes:
     data = request.get("data")
     if isinstance(data, dict):
         headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
-        return httpx.QueryParams(data).__str__().encode()
+        return str(httpx.QueryParams(data)).encode()
     if isinstance(data, str):
         return data.encode()
     return data or b""
