@@ -334,10 +334,14 @@ def users_command(settings: Settings, arguments: argparse.Namespace) -> None:
     created = f"{user.created_at:%Y-%m-%d %H:%M}Z"
     print(f"{user.id}  {user.username}  {user.status.value}  created {created}")
     for device in devices:
-        print(
-            f"  authenticator {device.id}  {device.name} ({device.platform})  "
-            f"{device.status.value}  failed attempts {device.failed_attempts}"
-        )
+        print(f"  authenticator {device.id}  {_device_facts(device)}")
+
+
+def _device_facts(device: Device) -> str:
+    return (
+        f"{device.name} ({device.platform})  {device.status.value}  "
+        f"failed attempts {device.failed_attempts}  attestation {device.attestation or 'none'}"
+    )
 
 
 def devices_command(settings: Settings, arguments: argparse.Namespace) -> None:
@@ -354,10 +358,7 @@ def devices_command(settings: Settings, arguments: argparse.Namespace) -> None:
         return await identity.get_device(device_id)
 
     device = _with_store(settings, act)
-    print(
-        f"{device.id}  user {device.user_id}  {device.name} ({device.platform})  "
-        f"{device.status.value}  failed attempts {device.failed_attempts}"
-    )
+    print(f"{device.id}  user {device.user_id}  {_device_facts(device)}")
 
 
 def demo_command(settings: Settings, arguments: argparse.Namespace) -> None:

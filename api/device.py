@@ -44,9 +44,15 @@ def device_view(operation: Operation) -> wire.DeviceOperation:
 
 
 #: Failures a phone is not told apart: which element of the authentication failed (the
-#: possession proof or the user verification) is for the relying party and the audit
-#: trail only (PSD2 RTS art. 4(3)(a)).
-_NOT_TOLD = frozenset({FailureReason.BAD_SIGNATURE, FailureReason.USER_VERIFICATION_MISSING})
+#: possession proof or the user verification), or that the attestation of a new key did
+#: not hold, is for the relying party and the audit trail only (PSD2 RTS art. 4(3)(a)).
+_NOT_TOLD = frozenset(
+    {
+        FailureReason.BAD_SIGNATURE,
+        FailureReason.USER_VERIFICATION_MISSING,
+        FailureReason.ATTESTATION_FAILED,
+    }
+)
 
 
 def _phone_reason(reason: FailureReason | None) -> str | None:
@@ -132,6 +138,7 @@ def register(app: Quart, services: Services) -> None:
                 public_key=body.public_key,
                 device_name=body.name,
                 platform=body.platform,
+                attestation=body.attestation,
             ),
         )
         operation = result.operation

@@ -49,6 +49,7 @@ def authenticator_view(device: Device) -> wire.Authenticator:
         updated_at=device.updated_at,
         last_used_at=device.last_used_at,
         failed_attempts=device.failed_attempts,
+        attestation=device.attestation,
     )
 
 
@@ -337,9 +338,10 @@ def register(app: Quart, services: Services) -> None:
         """No access key: the status token is the credential, safe to hand to a front end.
         With ``wait`` (seconds, at most 30) the answer is held until the status changes,
         so clients need not poll every 1.5 s. ``failed`` carries a ``reason``: declined,
-        bad-signature, user-verification-missing, device-locked, device-deactivated,
-        user-inactive, cancelled or expired. On success, ``token`` is the result token
-        (consumable once through introspection) and, for signatures, ``consent``."""
+        bad-signature, user-verification-missing, attestation-failed, device-locked,
+        device-deactivated, user-inactive, cancelled or expired. On success, ``token`` is the
+        result token (consumable once through introspection) and, for signatures,
+        ``consent``."""
         claims = services.tokens.verify(body.status_token, TokenKind.STATUS)
         transaction = UUID(claims["sub"])
         try:

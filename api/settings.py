@@ -19,7 +19,13 @@ from typing import Annotated, Any
 import msgspec
 
 from engine.errors import ConfigurationError
-from engine.settings import CallbackSettings, DatabaseSettings, EngineSettings, OperationSettings
+from engine.settings import (
+    AttestationSettings,
+    CallbackSettings,
+    DatabaseSettings,
+    EngineSettings,
+    OperationSettings,
+)
 from hsm.settings import HsmSettings, VerifierSettings
 
 ENVIRONMENT_PREFIX = "TAPSIGN_"
@@ -73,12 +79,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     operations: OperationSettings = msgspec.field(default_factory=OperationSettings)
     callbacks: CallbackSettings = msgspec.field(default_factory=CallbackSettings)
+    attestation: AttestationSettings = msgspec.field(default_factory=AttestationSettings)
 
     def engine(self) -> EngineSettings:
         return EngineSettings(
             database=self.database,
             operations=self.operations,
             callbacks=self.callbacks,
+            attestation=self.attestation,
             peers_dir=self.server.peers_dir,
         )
 

@@ -25,6 +25,7 @@ from engine.model import (
     MAX_PAYEE_ACCOUNT,
     MAX_PAYEE_NAME,
     USERNAME_PATTERN,
+    Attestation,
     Decision,
     DeviceName,
     OperationKind,
@@ -98,6 +99,9 @@ class Authenticator(Wire, frozen=True, kw_only=True):
     updated_at: datetime
     last_used_at: datetime | None = None
     failed_attempts: int = 0
+    #: What the enrolment's attestation proved: ``android-key/strongbox``,
+    #: ``android-key/trusted-environment``, ``apple-appattest``; null without one.
+    attestation: str | None = None
 
 
 class User(Wire, frozen=True, kw_only=True):
@@ -322,7 +326,8 @@ class PendingOperations(Wire, frozen=True, kw_only=True):
 
 
 class Answer(Wire, frozen=True, kw_only=True):
-    """The phone's answer, signed over the payload; registration answers add the new key."""
+    """The phone's answer, signed over the payload; registration answers add the new key
+    and may attest it."""
 
     decision: Decision
     user_verification: UserVerification
@@ -331,6 +336,7 @@ class Answer(Wire, frozen=True, kw_only=True):
     public_key: bytes | None = None
     name: DeviceName | None = None
     platform: Platform | None = None
+    attestation: Attestation | None = None
 
 
 class AnswerResult(Wire, frozen=True, kw_only=True):

@@ -43,6 +43,7 @@ import trio
 from sqlalchemy.engine import Connection
 
 from engine import store as db
+from engine.attestation import AttestationRefused, Attestor
 from engine.callbacks import outbox_row
 from engine.dispatch import Dispatcher
 from engine.errors import (
@@ -66,6 +67,7 @@ from engine.model import (
     Device,
     DeviceAnswer,
     DeviceStatus,
+    FailureReason,
     Operation,
     OperationKind,
     OperationRequest,
@@ -114,6 +116,7 @@ class Context:
     store: Store
     keyring: Keyring
     verifier: BatchVerifier
+    attestor: Attestor
     consent: TokenSigner
     callbacks: CallbackQueue
     dispatcher: Dispatcher
@@ -429,6 +432,12 @@ class OperationActor:
                 user_verification=answer.user_verification,
                 require_user_verification=operation.require_user_verification,
             )
+        attestation: str | None = None
+        refusal: str | None = None
+        if registering and verdict.succeeded:
+            attestation, refusal = await self._attest(answer, point)
+            if refusal is not None:
+                verdict = Verdict(succeeded=False, reason=FailureReason.ATTESTATION_FAILED)
         transition = handle(State(Phase.RESPONDED), verdict)
         succeeded = transition.state.phase is Phase.SUCCEEDED
 
@@ -469,6 +478,8 @@ class OperationActor:
                 answer=answer,
                 verdict=verdict,
                 point=point,
+                attestation=attestation,
+                refusal=refusal,
                 max_failed_attempts=settings.max_failed_attempts,
             )
 
@@ -476,6 +487,25 @@ class OperationActor:
             transition, actor=f"device:{answer.device_id}", changes=changes, extra=device_and_user
         )
         return AnswerResult(operation=committed, post_context=post_context if succeeded else None)
+
+    async def _attest(self, answer: DeviceAnswer, point: bytes) -> tuple[str | None, str | None]:
+        """What the registration's attestation proved, or why it is refused."""
+        attestor = self.context.attestor
+        if answer.attestation is None:
+            return None, ("no attestation, and one is required" if attestor.required else None)
+        try:
+            attested = await trio.to_thread.run_sync(
+                functools.partial(
+                    attestor.check,
+                    answer.attestation,
+                    challenge=self.operation.challenge,
+                    public_key=point,
+                    now=self.context.clock(),
+                )
+            )
+        except AttestationRefused as exc:
+            return None, str(exc)
+        return attested, None
 
     async def _consent_token(self, answer: DeviceAnswer, payload: bytes, point: bytes) -> str:
         """The consent JWT: evidence anyone can check offline (JWKS for tapsign's signature,
@@ -516,12 +546,26 @@ def _record_answer(
     answer: DeviceAnswer,
     verdict: Verdict,
     point: bytes,
+    attestation: str | None,
+    refusal: str | None,
     max_failed_attempts: int,
 ) -> list[OutboxItem]:
     """The device's and user's side of a judged answer, in the operation's transaction."""
     items: list[OutboxItem] = []
     succeeded = operation.phase is Phase.SUCCEEDED
     user = db.get_user(connection, operation.user_id)
+    if refusal is not None:
+        db.append_audit(
+            connection,
+            at=now,
+            actor=f"device:{operation.device_id}",
+            action="device.attestation-refused",
+            outcome="refused",
+            operation_id=operation.id,
+            user_id=operation.user_id,
+            device_id=operation.device_id,
+            reason=refusal[:300],
+        )
     if operation.kind is OperationKind.REGISTRATION and succeeded:
         # A new device: nothing to count against yet.
         db.insert_device(
@@ -537,6 +581,7 @@ def _record_answer(
                 updated_at=now,
                 last_used_at=now,
                 counter=answer.counter,
+                attestation=attestation,
             ),
         )
         db.append_audit(
@@ -548,6 +593,7 @@ def _record_answer(
             operation_id=operation.id,
             user_id=operation.user_id,
             device_id=operation.device_id,
+            reason=f"attestation {attestation or 'none'}",
         )
     registered = operation.kind is OperationKind.REGISTRATION
     device = None if registered else db.get_device(connection, operation.device_id)

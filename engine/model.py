@@ -29,6 +29,8 @@ MAX_CONTEXT = 2048
 MAX_DEVICE_NAME = 100
 MAX_PAYEE_NAME = 140
 MAX_PAYEE_ACCOUNT = 70
+#: Certificates in an attestation's chain (Android's have 3 to 5).
+MAX_CERTIFICATE_CHAIN = 8
 #: A positive decimal amount, at most 15 integer and 4 fraction digits, no sign, no exponent.
 AMOUNT_PATTERN = re.compile(r"^(0|[1-9][0-9]{0,14})(\.[0-9]{1,4})?$")
 
@@ -110,6 +112,8 @@ class FailureReason(StrEnum):
     DEVICE_DEACTIVATED = "device-deactivated"
     USER_INACTIVE = "user-inactive"
     USER_VERIFICATION_MISSING = "user-verification-missing"
+    #: A registration whose device-key attestation was missing (when required) or failed.
+    ATTESTATION_FAILED = "attestation-failed"
 
 
 class User(msgspec.Struct, frozen=True, kw_only=True):
@@ -138,6 +142,8 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     counter: int = 0
     #: Consecutive failed verifications; reset by a success or an unlock.
     failed_attempts: int = 0
+    #: What the enrolment's attestation proved (engine/attestation.py), None without one.
+    attestation: str | None = None
 
 
 class Payee(msgspec.Struct, frozen=True, kw_only=True):
@@ -233,6 +239,43 @@ class OperationRequest(msgspec.Struct, frozen=True, kw_only=True):
     push_notification: str | None = None
 
 
+class AndroidKeyAttestation(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    rename="camel",
+    tag="android-key",
+    tag_field="format",
+):
+    """The new key's certificate chain from the Android Keystore, leaf first, DER in base64
+    (``KeyStore.getCertificateChain`` after ``setAttestationChallenge(challenge)``)."""
+
+    certificate_chain: Annotated[
+        list[bytes], msgspec.Meta(min_length=1, max_length=MAX_CERTIFICATE_CHAIN)
+    ]
+
+
+class AppleAppAttestation(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    rename="camel",
+    tag="apple-appattest",
+    tag_field="format",
+):
+    """``DCAppAttestService.attestKey`` over clientDataHash = SHA-256(challenge || the new
+    65-byte public key), and the App Attest key id; both base64."""
+
+    key_id: bytes
+    attestation_object: bytes
+
+
+#: A device-key attestation, as the phone sends it (the wire form, ``format`` tells which).
+Attestation = AndroidKeyAttestation | AppleAppAttestation
+
+
 class DeviceAnswer(msgspec.Struct, frozen=True, kw_only=True):
     """What the phone sends back: its decision, signed over the payload of engine/payload.py."""
 
@@ -245,6 +288,7 @@ class DeviceAnswer(msgspec.Struct, frozen=True, kw_only=True):
     public_key: bytes | None = None
     device_name: DeviceName | None = None
     platform: Platform | None = None
+    attestation: Attestation | None = None
 
 
 class AnswerResult(msgspec.Struct, frozen=True, kw_only=True):

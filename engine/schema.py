@@ -55,6 +55,7 @@ devices = sa.Table(
     sa.Column("last_used_at", Time),
     sa.Column("counter", sa.BigInteger, nullable=False),
     sa.Column("failed_attempts", sa.Integer, nullable=False),
+    sa.Column("attestation", sa.String(40)),
 )
 
 operations = sa.Table(

@@ -18,6 +18,7 @@ import trio
 from engine import audit
 from engine import store as db
 from engine.actors import Context, Supervisor
+from engine.attestation import Attestor
 from engine.callbacks import CallbackDeliverer
 from engine.dispatch import WebhookDispatcher
 from engine.identity import Identity
@@ -55,6 +56,7 @@ class Engine:
                 store=self.store,
                 keyring=keyring,
                 verifier=verifier,
+                attestor=Attestor(settings.attestation),
                 consent=TokenSigner(keyring, KeyPurpose.CONSENT, issuer=issuer),
                 callbacks=self.callbacks,
                 dispatcher=WebhookDispatcher(),

@@ -44,10 +44,40 @@ class CallbackSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     give_up_seconds: Annotated[float, msgspec.Meta(gt=0)] = 86_400.0
 
 
+class AttestationSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Device-key attestation at enrolment (engine/attestation.py)."""
+
+    #: ``optional``: an enrolment may come without an attestation (the device is recorded
+    #: as unattested), one that comes with one must pass. ``required``: an enrolment without
+    #: a valid attestation fails with ``attestation-failed`` (PSD2 RTS arts. 7, 24(2)(b)).
+    policy: Literal["optional", "required"] = "optional"
+    #: PEM file of the roots Android chains must end at; unset: Google's published roots.
+    android_roots: str | None = None
+    #: The least security level of the attesting hardware.
+    android_min_security_level: Literal["trusted-environment", "strongbox"] = "trusted-environment"
+    #: Require a locked bootloader and verified boot (the attestation's rootOfTrust).
+    android_verified_boot: bool = True
+    #: When not empty, the attesting app's package name must be one of these.
+    android_packages: list[str] = []
+    #: When not empty, one of the app's signing-certificate SHA-256 digests (hex) must be
+    #: one of these.
+    android_signing_digests: list[Annotated[str, msgspec.Meta(pattern="^[0-9a-fA-F]{64}$")]] = []
+    #: Google's attestation status list (JSON of https://android.googleapis.com/attestation/status),
+    #: kept fresh by the operator; read again when the file changes.
+    android_revocation_list: str | None = None
+    #: PEM file of Apple's App Attestation root; unset: the one Apple publishes.
+    apple_root: str | None = None
+    #: App IDs (``TEAMID.bundle.id``) allowed to enrol with App Attest; empty: none is.
+    apple_app_ids: list[str] = []
+    #: Which App Attest environment's AAGUID is accepted.
+    apple_environment: Literal["production", "development"] = "production"
+
+
 class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     operations: OperationSettings = msgspec.field(default_factory=OperationSettings)
     callbacks: CallbackSettings = msgspec.field(default_factory=CallbackSettings)
+    attestation: AttestationSettings = msgspec.field(default_factory=AttestationSettings)
     #: Where the processes serving this database on this host find each other
     #: (engine/peers.py); None: this process alone.
     peers_dir: str | None = None

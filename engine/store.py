@@ -350,6 +350,7 @@ def _device(row: sa.Row[Any]) -> Device:
         last_used_at=_utc(row.last_used_at),
         counter=row.counter,
         failed_attempts=row.failed_attempts,
+        attestation=row.attestation,
     )
 
 
@@ -366,6 +367,7 @@ def _device_values(device: Device) -> dict[str, Any]:
         "last_used_at": device.last_used_at,
         "counter": device.counter,
         "failed_attempts": device.failed_attempts,
+        "attestation": device.attestation,
     }
 
 

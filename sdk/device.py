@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from api import wire
 from api.device_auth import sign_headers
-from engine.model import Decision, DeviceAnswer, OperationKind, UserVerification
+from engine.model import Attestation, Decision, DeviceAnswer, OperationKind, UserVerification
 from engine.payload import Signable, signed_payload
 from sdk.client import raise_for_problem
 
@@ -43,7 +43,15 @@ def answer_message(signed: DeviceAnswer) -> wire.Answer:
         public_key=signed.public_key,
         name=signed.device_name,
         platform=signed.platform,
+        attestation=signed.attestation,
     )
+
+
+class Attester(Protocol):
+    """What the phone's platform says about a new key: Android key attestation or App
+    Attest (docs/reference/device-protocol.md)."""
+
+    def __call__(self, challenge: bytes, public_key: bytes) -> Attestation: ...
 
 
 class Authenticator:
@@ -55,10 +63,13 @@ class Authenticator:
         *,
         name: str = "test phone",
         platform: str = "ios",
+        attester: Attester | None = None,
     ) -> None:
         self.private_key = private_key or ec.generate_private_key(ec.SECP256R1())
         self.name = name
         self.platform = platform
+        #: Attests the key at enrolment; None sends no attestation.
+        self.attester = attester
         self.counter = 0
 
     @property
@@ -100,6 +111,11 @@ class Authenticator:
             public_key=self.public_key if registering else None,
             device_name=self.name if registering else None,
             platform=self.platform if registering else None,
+            attestation=(
+                self.attester(operation.challenge, self.public_key)
+                if registering and self.attester is not None
+                else None
+            ),
         )
 
 
