@@ -16,10 +16,12 @@ Consistency rules kept here:
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -101,10 +103,12 @@ class Store:
     def __init__(self, settings: DatabaseSettings) -> None:
         self.url = sa.make_url(settings.url)
         self.sqlite = self.url.get_backend_name() == "sqlite"
+        self._writer_lock: Path | None = None
         if self.sqlite:
             database = self.url.database
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
+                self._writer_lock = Path(f"{database}.writer-lock")
             self.engine: Engine = sa.create_engine(
                 self.url,
                 pool_size=settings.pool_size,
@@ -126,7 +130,7 @@ class Store:
         """Create or upgrade the schema to the newest migration (idempotent)."""
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as connection:
+        with self._writing(), self.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
@@ -134,7 +138,7 @@ class Store:
     def transaction(self, *, write: bool) -> Iterator[Connection]:
         """A connection in a transaction: committed on success, rolled back on any error."""
         try:
-            with self.engine.connect() as connection:
+            with self._writing() if write else nullcontext(), self.engine.connect() as connection:
                 if write:
                     connection = connection.execution_options(tapsign_write=True)
                 with connection.begin():
@@ -146,6 +150,23 @@ class Store:
             raise ServiceUnavailable("the database is unavailable", retry_after=1.0) from exc
         except sa.exc.DataError as exc:
             raise _unstorable(exc) from exc
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """SQLite: the processes on one database file write one at a time, queued by the
+        kernel (``flock`` on ``<database>.writer-lock``). Left to SQLite, a writer that finds
+        the database locked polls with sleeps of up to 100 ms, so two processes took turns
+        slowly and the tail latency grew (docs/discussion/performance.md). The lock is held
+        for one transaction; a process that dies releases it."""
+        if self._writer_lock is None:
+            yield
+            return
+        descriptor = os.open(self._writer_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)
 
     async def write(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in a write transaction, in a worker thread; committed on return.

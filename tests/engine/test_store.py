@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from datetime import UTC, datetime
+from pathlib import Path
 
 import trio
 import trio.testing
@@ -11,6 +15,7 @@ from sqlalchemy.engine import Connection
 from engine import audit
 from engine import store as db
 from engine.errors import InvalidInput, UsernameTaken
+from engine.settings import DatabaseSettings
 from engine.store import Store
 
 
@@ -97,3 +102,53 @@ async def test_a_value_the_database_cannot_store_is_invalid_input_not_a_crash(
     else:
         assert alone == grouped
         assert alone.startswith("refused: a value cannot be stored")
+
+
+def test_sqlite_writers_of_all_processes_take_turns_on_the_lock_file(tmp_path: Path) -> None:
+    """A write transaction holds ``<database>.writer-lock``: another process (another open
+    file, another store) waits in the kernel instead of polling SQLite's lock; reads do not
+    take it."""
+    url = f"sqlite:///{tmp_path / 'tapsign.db'}"
+    store, other = Store(DatabaseSettings(url=url)), Store(DatabaseSettings(url=url))
+    store.migrate()
+    lock = tmp_path / "tapsign.db.writer-lock"
+    now = datetime.now(UTC)
+
+    def held() -> bool:
+        descriptor = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(descriptor)
+        return False
+
+    seen: list[bool] = []
+    order: list[str] = []
+
+    def first(connection: Connection) -> None:
+        seen.append(held())
+        db.append_audit(connection, at=now, actor="t", action="first", outcome="ok")
+        waiting.start()
+        waiting.join(0.3)  # the other store's writer is blocked meanwhile
+        seen.append(waiting.is_alive())
+        order.append("first")
+
+    def second(connection: Connection) -> None:
+        db.append_audit(connection, at=now, actor="t", action="second", outcome="ok")
+        order.append("second")
+
+    waiting = threading.Thread(target=other._run, args=(second, True))
+    with store.transaction(write=False) as connection:
+        seen.append(held())  # a read does not take it
+        db.read_audit(connection)
+    store._run(first, True)
+    waiting.join(30)
+    assert seen == [False, True, True]
+    assert order == ["first", "second"]
+    entries, head_seq, head_hash = store._run(db.read_audit, False)
+    assert [entry.action for entry in entries] == ["first", "second"]
+    assert audit.verify_chain(entries, head_seq=head_seq, head_hash=head_hash) == []
+    store.close()
+    other.close()
