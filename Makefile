@@ -16,7 +16,7 @@ SPAWN_RATE ?= 16
 DURATION   ?= 60s
 URL        ?=
 ACCESS_KEY ?=
-SERVER_WORKERS ?= 1
+SERVER_WORKERS ?= 0
 
 run: setup
 	@echo "==> access key for your backend (made on the first run, shown only then)"

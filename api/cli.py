@@ -233,8 +233,9 @@ def serve_command(settings: Settings, arguments: argparse.Namespace) -> None:
         workers=arguments.workers or settings.server.workers,
     )
     settings = msgspec.structs.replace(settings, server=server)
-    print(f"tapsign serving on {server.base_url()} ({server.workers} worker(s)); Ctrl+C stops")
-    if server.workers == 1:
+    processes = server.process_count()
+    print(f"tapsign serving on {server.base_url()} ({processes} worker(s)); Ctrl+C stops")
+    if processes == 1:
         trio.run(serve, settings)
         return
     # Several processes: each imports api.asgi, which reads the same configuration, so the
@@ -478,7 +479,9 @@ def _parser() -> argparse.ArgumentParser:
     server = commands.add_parser("serve", help="run the HTTP server (Hypercorn, trio)")
     server.add_argument("--host", help="bind address (default 127.0.0.1)")
     server.add_argument("--port", type=int, help="port (default 8080)")
-    server.add_argument("--workers", type=int, help="worker processes (default 1)")
+    server.add_argument(
+        "--workers", type=int, help="worker processes (default: [server] workers; 0: one per core)"
+    )
     server.set_defaults(handler=serve_command)
 
     keys = commands.add_parser("keys", help="relying-party access keys").add_subparsers(

@@ -94,7 +94,7 @@ def hypercorn_config(settings: Settings) -> Config:
     config = Config()
     config.bind = [f"{settings.server.host}:{settings.server.port}"]
     config.worker_class = "trio"
-    config.workers = settings.server.workers
+    config.workers = settings.server.process_count()
     config.keep_alive_timeout = settings.server.keep_alive_seconds
     config.read_timeout = int(settings.server.read_timeout_seconds)
     # Slow clients get a bounded share: headers and bodies must arrive in time, and a

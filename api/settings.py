@@ -37,8 +37,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
-    #: Hypercorn worker processes; each runs its own engine on the shared database.
-    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    #: Hypercorn worker processes, each with its own engine on the shared database; 0: one
+    #: per core (docs/discussion/performance.md, "Two processes").
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     #: The URL phones and front ends reach tapsign at (app links, ``iss`` of tokens);
     #: default ``http://<host>:<port>``.
     public_url: str | None = None
@@ -55,6 +56,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: Where the worker processes on this host tell each other of changed transactions
     #: (engine/peers.py).
     peers_dir: str = "var/peers"
+
+    def process_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")

@@ -80,7 +80,10 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", help="an existing server; none: start one")
     parser.add_argument("--access-key", default=os.environ.get("TAPSIGN_LOADTEST_ACCESS_KEY"))
     parser.add_argument(
-        "--server-workers", type=int, default=1, help="workers of the started server"
+        "--server-workers",
+        type=int,
+        default=0,
+        help="workers of the started server (0, the server's default: one per core)",
     )
     parser.add_argument("--locust-processes", type=int, default=1, help="Locust worker processes")
     return parser.parse_args(argv)
@@ -309,6 +312,8 @@ def _summary(
         "users": options.users,
         "duration": options.duration,
         "machine_cores": os.cpu_count(),
+        # The started server's processes; None for a server given by --url.
+        "server_workers": None if options.url else options.server_workers or os.cpu_count(),
         "transactions": len(ok),
         "transactions_by_scenario": by_scenario,
         "failed_transactions": failed,
