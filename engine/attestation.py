@@ -403,7 +403,10 @@ class Attestor:
     def _android_app(self, application: Tlv | None) -> None:
         if application is None:
             raise AttestationRefused("the attestation names no application")
-        packages, digests = _sequence(_octets(application, "attestationApplicationId"), "app")[:2]
+        identity = _sequence(_octets(application, "attestationApplicationId"), "app")
+        if len(identity) < 2:
+            raise AttestationRefused("attestationApplicationId is too short")
+        packages, digests = identity[:2]
         names = set()
         for info in der_items(packages.value):
             name = list(der_items(info.value))[:1]
@@ -444,7 +447,11 @@ class Attestor:
         if extension is None:
             raise AttestationRefused("the credential certificate has no nonce")
         tagged = _sequence(extension, "App Attest nonce")
-        if len(tagged) != 1 or _octets(_only(tagged[0].value), "nonce") != nonce:
+        if (
+            len(tagged) != 1
+            or (tagged[0].tag_class, tagged[0].number) != (2, 1)
+            or _octets(_only(tagged[0].value), "nonce") != nonce
+        ):
             raise AttestationRefused("the nonce does not bind this challenge and key")
         key_id = hashlib.sha256(_point(credential.public_key())).digest()
         if key_id != attestation.key_id:
