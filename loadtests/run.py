@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("--url needs --access-key (or TAPSIGN_LOADTEST_ACCESS_KEY)", file=sys.stderr)
                 return 2
         else:
-            server, url, access_key = _start_server(report / "server", options.server_workers)
+            server, url, access_key = start_server(report / "server", options.server_workers)
             pid = server.pid
         summary = _run(options, report, url, access_key, pid)
     finally:
@@ -89,14 +89,14 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
 
 
-def _start_server(directory: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_server(directory: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, str]:
     directory.mkdir()
     tapsign = str(BIN / "tapsign")
     environment = {
@@ -122,15 +122,15 @@ def _start_server(directory: Path, workers: int) -> tuple[subprocess.Popen[bytes
         text=True,
     )
     access_key = json.loads(created.stdout)["accessKey"]
-    port = _free_port()
-    log = (directory / "server.log").open("w")
-    server = subprocess.Popen(  # noqa: S603
-        [tapsign, "serve", "--port", str(port), "--workers", str(workers)],
-        cwd=directory,
-        env=environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    port = free_port()
+    with (directory / "server.log").open("w") as log:  # the server keeps its own copy
+        server = subprocess.Popen(  # noqa: S603
+            [tapsign, "serve", "--port", str(port), "--workers", str(workers)],
+            cwd=directory,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -161,7 +161,7 @@ def _process_tree(pid: int) -> list[int]:
     return tree
 
 
-def _sample(pid: int) -> tuple[float, int]:
+def sample(pid: int) -> tuple[float, int]:
     """CPU seconds used so far and resident bytes, over ``pid`` and its descendants."""
     cpu, rss = 0.0, 0
     for member in _process_tree(pid):
@@ -216,8 +216,8 @@ def _run(
         )
         while locust.poll() is None:
             if pid is not None:
-                samples.append((time.time(), *_sample(pid)))
-            locust_cpu.append((time.time(), _sample(locust.pid)[0]))
+                samples.append((time.time(), *sample(pid)))
+            locust_cpu.append((time.time(), sample(locust.pid)[0]))
             time.sleep(1)
     timings = _merge_timings(report)
     if samples:
