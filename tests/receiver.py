@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Callable
 
 import h11
 import msgspec
 import trio
 
+from loadtests.run import free_port
+
 
 class Received(msgspec.Struct, frozen=True):
     path: str
     headers: dict[str, str]
     body: bytes
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class Receiver:

@@ -45,10 +45,11 @@ import httpx
 import trio
 
 from api import wire
+from loadtests.run import free_port
 from sdk.client import ApiError, Client, Payee
 from sdk.device import Device
 from tests.e2e.serving import prepare, start
-from tests.receiver import Receiver, free_port
+from tests.receiver import Receiver
 
 #: How late an expiry may be, beyond its time or the restart that follows it.
 EXPIRY_GRACE_SECONDS = 3.0

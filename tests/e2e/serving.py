@@ -20,8 +20,8 @@ import pytest
 import sqlalchemy as sa
 
 from hsm.settings import default_module
+from loadtests.run import free_port
 from tests.engine.conftest import POSTGRES_MISSING, POSTGRES_URL
-from tests.receiver import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TAPSIGN = Path(sys.executable).with_name("tapsign")

@@ -18,13 +18,13 @@ import pytest
 import sqlalchemy as sa
 
 from api.wire import Started
+from loadtests.run import free_port
 from sdk.client import ApiError, Client
 from sdk.device import Device
 from tests.e2e.serving import Server, postgres_schema, prepare, serving, start
 from tests.e2e.test_attacks import answer_body, send_answer
 from tests.e2e.test_flows import enrolled
 from tests.engine.conftest import POSTGRES_URL
-from tests.receiver import free_port
 
 HSM_UNAVAILABLE = "https://tapsign.dev/problems/hsm-unavailable"
 
