@@ -123,25 +123,33 @@ def start_server(directory: Path, workers: int) -> tuple[subprocess.Popen[bytes]
     )
     access_key = json.loads(created.stdout)["accessKey"]
     port = free_port()
-    with (directory / "server.log").open("w") as log:  # the server keeps its own copy
-        server = subprocess.Popen(  # noqa: S603
-            [tapsign, "serve", "--port", str(port), "--workers", str(workers)],
-            cwd=directory,
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+    command = [tapsign, "serve", "--port", str(port), "--workers", str(workers)]
+    return launch(command, directory, environment, port), f"http://127.0.0.1:{port}", access_key
+
+
+def launch(
+    command: list[str], directory: Path, environment: dict[str, str], port: int
+) -> subprocess.Popen[bytes]:
+    """Run the server ``command`` in ``directory``, its output appended to ``server.log``
+    there, and return once ``/readyz`` on ``port`` says ready (the load tests and the
+    end-to-end tests start their servers with it)."""
+    with (directory / "server.log").open("ab") as log:  # the server keeps its own copy
+        server = subprocess.Popen(  # noqa: S603 - our own executable
+            command, cwd=directory, env=environment, stdout=log, stderr=subprocess.STDOUT
         )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}/readyz"
     deadline = time.monotonic() + 60
     while True:
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return server, url, access_key
+            if httpx.get(url, timeout=2).status_code == 200:
+                return server
         except httpx.TransportError:
             pass
         if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the server did not start: see {directory / 'server.log'}")
-        time.sleep(0.2)
+            server.kill()
+            log_text = (directory / "server.log").read_text()
+            raise RuntimeError(f"the server did not start:\n{log_text}")
+        time.sleep(0.05)
 
 
 def _process_tree(pid: int) -> list[int]:

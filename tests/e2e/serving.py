@@ -9,18 +9,16 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
 from hsm.settings import default_module
-from loadtests.run import free_port
+from loadtests.run import free_port, launch
 from tests.engine.conftest import POSTGRES_MISSING, POSTGRES_URL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,26 +81,8 @@ def prepare(directory: Path, *, config: str = "", callback_url: str | None = Non
 def start(directory: Path, port: int, *, workers: int = 1) -> subprocess.Popen[bytes]:
     """``tapsign serve`` in ``directory`` on ``port``, once it is ready; its output, at
     INFO level, is appended to ``server.log`` there (tests/e2e/test_secrets.py reads it)."""
-    with (directory / "server.log").open("ab") as log:
-        process = subprocess.Popen(  # noqa: S603
-            [str(TAPSIGN), "--verbose", "serve", "--port", str(port), "--workers", str(workers)],
-            cwd=directory,
-            env=environment(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError((directory / "server.log").read_text())
-        time.sleep(0.05)
+    command = [str(TAPSIGN), "--verbose", "serve", "--port", str(port), "--workers", str(workers)]
+    return launch(command, directory, environment(), port)
 
 
 @contextmanager
