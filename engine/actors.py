@@ -314,18 +314,25 @@ class OperationActor:
             if isinstance(event, Expire)
             else f"relying-party:{self.operation.client_id or '-'}"
         )
-        return await self._commit(transition, actor=actor)
+        return await self._commit(transition, before=self.operation, actor=actor)
 
     async def _commit(
         self,
         transition: Transition,
         *,
+        before: Operation,
         actor: str,
         changes: dict[str, Any] | None = None,
         extra: Callable[[Connection, Operation, datetime], list[OutboxItem]] | None = None,
     ) -> Operation:
-        """Persist ``transition`` (compare-and-set), then notify; the loser of a race reloads."""
-        before = self.operation
+        """Persist ``transition``, decided on ``before``, with a compare-and-set on the version
+        of ``before``, then notify; the loser of a race reloads.
+
+        ``before`` is the operation the decision was made on, not ``self.operation``: while an
+        answer is being verified, another process may store its own answer and this actor
+        take that newer version in (:meth:`refresh`); a compare-and-set against it would
+        succeed and the transaction would take two answers.
+        """
         now = self.context.clock()
         phase = transition.state.phase
         after = msgspec.structs.replace(
@@ -484,7 +491,11 @@ class OperationActor:
             )
 
         committed = await self._commit(
-            transition, actor=f"device:{answer.device_id}", changes=changes, extra=device_and_user
+            transition,
+            before=operation,
+            actor=f"device:{answer.device_id}",
+            changes=changes,
+            extra=device_and_user,
         )
         return AnswerResult(operation=committed, post_context=post_context if succeeded else None)
 

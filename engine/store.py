@@ -142,6 +142,13 @@ class Store:
                 if write:
                     connection = connection.execution_options(tapsign_write=True)
                 with connection.begin():
+                    if write:
+                        # Every writer locks the audit head first, whatever it writes, so that
+                        # all write transactions take their locks in one order. Locked at the
+                        # first audit entry instead, a grouped write holding the head and then
+                        # updating an operation deadlocked on PostgreSQL with another process's
+                        # write holding that operation's row and waiting for the head.
+                        _audit_head(connection)
                     yield connection
                     _write_audit_head(connection)
         except _CONNECTION_LOST as exc:
@@ -225,9 +232,9 @@ class Store:
     def _commit_group(self, group: list[_Unit]) -> None:
         try:
             with self.transaction(write=True) as connection:
+                head = _audit_head(connection)
                 for unit in group:
-                    head: _AuditHead | None = connection.info.get(_AUDIT)
-                    saved = None if head is None else (head.seq, head.hash)
+                    saved = head.seq, head.hash
                     try:
                         with connection.begin_nested():
                             unit.result = outcome.Value(unit.work(connection))
@@ -236,10 +243,7 @@ class Store:
                     except Exception as exc:
                         # The unit's savepoint is rolled back: so are its audit entries.
                         unit.result = outcome.Error(_unstorable(exc))
-                        if head is None or saved is None:
-                            connection.info.pop(_AUDIT, None)
-                        else:
-                            head.seq, head.hash = saved
+                        head.seq, head.hash = saved
         except Exception as exc:
             for unit in group:
                 unit.result = outcome.Error(exc)
@@ -656,12 +660,13 @@ def record_delivery(
 
 class _AuditHead:
     """The newest ``(seq, hash)`` of the chain, read once per transaction and written back
-    once, when the transaction commits (:meth:`Store.transaction`)."""
+    once, when the transaction commits, if it moved (:meth:`Store.transaction`)."""
 
-    __slots__ = ("hash", "seq")
+    __slots__ = ("hash", "read_seq", "seq")
 
     def __init__(self, seq: int, digest: bytes) -> None:
         self.seq, self.hash = seq, digest
+        self.read_seq = seq
 
 
 def _audit_head(connection: Connection) -> _AuditHead:
@@ -678,7 +683,7 @@ def _audit_head(connection: Connection) -> _AuditHead:
 
 def _write_audit_head(connection: Connection) -> None:
     head = connection.info.pop(_AUDIT, None)
-    if head is not None:
+    if head is not None and head.seq != head.read_seq:
         connection.execute(
             audit_head.update().where(audit_head.c.id == 1).values(seq=head.seq, hash=head.hash)
         )
@@ -702,7 +707,7 @@ def append_audit(
 ) -> AuditEntry:
     """Append an entry to the hash chain, in the caller's transaction.
 
-    The head row is locked when the transaction first appends (``FOR UPDATE`` on
+    The head row is locked when the write transaction begins (``FOR UPDATE`` on
     PostgreSQL; SQLite write transactions are ``IMMEDIATE``) and written once, at commit.
     """
     head = _audit_head(connection)

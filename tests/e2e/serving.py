@@ -98,6 +98,14 @@ def serving(directory: Path, *, workers: int = 1, config: str = "") -> Iterator[
         process.wait(timeout=30)
 
 
+def database_config(url: str) -> str:
+    """A tapsign.toml for a server on the database at ``url``, without rate limits (the load
+    of these tests comes from one address, faster than a phone's)."""
+    return (
+        f'[database]\nurl = "{url}"\n[ratelimit]\naddress_per_second = 0\ndevice_per_second = 0\n'
+    )
+
+
 @contextmanager
 def postgres_schema() -> Iterator[str]:
     """The URL of a fresh schema in the PostgreSQL test database, dropped afterwards; its

@@ -1,7 +1,7 @@
 """Faults of what tapsign stands on, against real servers: the HSM token going away and
-coming back, PostgreSQL dropping every connection under load, and two tapsign processes on
-one PostgreSQL database answering the same transaction at once. (SIGKILL of tapsign itself:
-tests/e2e/test_crash.py; a callback receiver down for minutes:
+coming back, and PostgreSQL dropping every connection under load. (SIGKILL of tapsign itself:
+tests/e2e/test_crash.py; two processes answering the same transactions at once:
+tests/e2e/test_races.py; a callback receiver down for minutes:
 tests/engine/test_callbacks.py.)"""
 
 from __future__ import annotations
@@ -11,18 +11,19 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from uuid import UUID
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
 from api.wire import Started
-from loadtests.run import free_port
 from sdk.client import ApiError, Client
 from sdk.device import Device
-from tests.e2e.serving import Server, postgres_schema, prepare, serving, start
-from tests.e2e.test_attacks import answer_body, send_answer
+from tests.e2e.serving import (
+    database_config,
+    postgres_schema,
+    serving,
+)
 from tests.e2e.test_flows import enrolled
 from tests.engine.conftest import POSTGRES_URL
 
@@ -85,14 +86,6 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
-def _config(url: str) -> str:
-    """The server's tapsign.toml: PostgreSQL at ``url``; no rate limits (the load here comes
-    from one address, faster than a phone's)."""
-    return (
-        f'[database]\nurl = "{url}"\n[ratelimit]\naddress_per_second = 0\ndevice_per_second = 0\n'
-    )
-
-
 def _drop_connections(url: str) -> int:
     """Terminate every connection of the server at ``url`` (its schema is its application
     name), as a restart of PostgreSQL would; how many were dropped."""
@@ -135,7 +128,7 @@ def _half_written(url: str) -> list[str]:
 def test_postgresql_dropping_every_connection_under_load(tmp_path: Path, postgres_url: str) -> None:
     """Requests in flight when the connections die fail cleanly (503 problem, or they
     succeed); no transaction is half written; service resumes with no restart."""
-    with serving(tmp_path / "server", config=_config(postgres_url)) as server:
+    with serving(tmp_path / "server", config=database_config(postgres_url)) as server:
         outcomes: Counter[str] = Counter()
         stop = threading.Event()
 
@@ -183,63 +176,4 @@ def test_postgresql_dropping_every_connection_under_load(tmp_path: Path, postgre
             assert client.wait_for_result(started.status_token).status == "succeeded"
         for _, phone in users:
             phone.close()
-    assert _half_written(postgres_url) == []
-
-
-def _race(
-    barrier: threading.Barrier,
-    server: Server,
-    phone: Device,
-    transaction: UUID,
-    body: bytes,
-    results: Counter[str],
-) -> None:
-    barrier.wait()
-    response = send_answer(server, phone, transaction, body)
-    document = response.json()
-    outcome = document["type"] if response.status_code >= 400 else document["status"]
-    results[f"{response.status_code} {outcome}"] += 1
-
-
-def test_two_processes_on_one_postgresql_answer_at_once_and_exactly_one_wins(
-    tmp_path: Path, postgres_url: str
-) -> None:
-    directory = tmp_path / "server"
-    access_key = prepare(directory, config=_config(postgres_url))
-    ports = [free_port(), free_port()]
-    processes = [start(directory, port) for port in ports]
-    first, second = (
-        Server(url=f"http://127.0.0.1:{port}", access_key=access_key, directory=directory)
-        for port in ports
-    )
-    try:
-        with Client(first.url, access_key) as client:
-            phone = Device(first.url)
-            username = enrolled(client, phone)
-            results: Counter[str] = Counter()
-            for _ in range(5):
-                started = client.approve(username=username)
-                operation = phone.pending()[0]
-                body = answer_body(phone.authenticator.answer(operation))
-                barrier = threading.Barrier(2)
-                threads = [
-                    threading.Thread(
-                        target=_race, args=(barrier, server, phone, operation.id, body, results)
-                    )
-                    for server in (first, second)
-                ]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join(timeout=60)
-                assert client.wait_for_result(started.status_token).status == "succeeded"
-            phone.close()
-        assert results == {
-            "200 succeeded": 5,
-            "409 https://tapsign.dev/problems/transaction-not-pending": 5,
-        }
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=30)
     assert _half_written(postgres_url) == []
