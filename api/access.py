@@ -21,8 +21,10 @@ from sqlalchemy.engine import Connection
 from api.recent import Recent
 from api.wire import CALLBACK_URL
 from engine import store as db
+from engine.callbacks import check_destination
 from engine.errors import InvalidInput, NotFound, Unauthorized
 from engine.model import Clock
+from engine.settings import CallbackSettings
 from engine.store import AccessKeyRecord, Store
 
 SCOPES = frozenset({"users", "operations", "introspect"})
@@ -41,16 +43,26 @@ class AccessKeys:
         self._recent: Recent[str, AccessKeyRecord] = Recent(seconds=1.0, size=1024)
 
     async def create(
-        self, *, name: str, scopes: Iterable[str] = SCOPES, callback_url: str | None = None
+        self,
+        *,
+        name: str,
+        scopes: Iterable[str] = SCOPES,
+        callback_url: str | None = None,
+        callbacks: CallbackSettings,
+        possession_only: bool = False,
     ) -> tuple[AccessKeyRecord, str]:
-        """A new key and its one-time display form ``tsk_<id>_<secret>``."""
+        """A new key and its one-time display form ``tsk_<id>_<secret>``. ``callbacks`` are
+        the settings its callback URL must keep to; ``possession_only`` lets it start
+        authentications without user verification."""
         wanted = frozenset(scopes)
         if not wanted or not wanted <= SCOPES:
             raise InvalidInput(f"scopes are some of {', '.join(sorted(SCOPES))}", field="scopes")
         if not 1 <= len(name) <= 100:
             raise InvalidInput("a key name has 1 to 100 characters", field="name")
-        if callback_url is not None and not re.match(CALLBACK_URL, callback_url):
-            raise InvalidInput("the callback URL is an http(s) URL", field="callbackUrl")
+        if callback_url is not None:
+            if not re.match(CALLBACK_URL, callback_url):
+                raise InvalidInput("the callback URL is an http(s) URL", field="callbackUrl")
+            check_destination(callback_url, callbacks)
         key_id, secret = secrets.token_hex(5), secrets.token_urlsafe(32)
         record = AccessKeyRecord(
             id=key_id,
@@ -59,6 +71,7 @@ class AccessKeys:
             scopes=wanted,
             callback_url=callback_url,
             created_at=self._clock(),
+            possession_only=possession_only,
         )
 
         def insert(connection: Connection) -> None:
@@ -69,7 +82,8 @@ class AccessKeys:
                 actor="admin",
                 action="access-key.created",
                 outcome="ok",
-                reason=f"{key_id} {' '.join(sorted(wanted))}",
+                reason=f"{key_id} {' '.join(sorted(wanted))}"
+                + (" possession-only" if possession_only else ""),
             )
 
         await self._store.write(insert)
@@ -81,6 +95,17 @@ class AccessKeys:
         key_id, _, secret = rest.partition("_")
         if prefix != PREFIX or not key_id or not secret:
             raise Unauthorized("not an access key")
+        record = await self.get(key_id)
+        # Compare even when the key is unknown, so that timing does not tell which it was.
+        expected = record.secret_hash if record is not None else bytes(32)
+        if not hmac.compare_digest(_digest(secret), expected) or record is None:
+            raise Unauthorized(f"unknown access key or wrong secret ({key_id})")
+        if record.revoked_at is not None:
+            raise Unauthorized(f"revoked access key ({key_id})")
+        return record
+
+    async def get(self, key_id: str) -> AccessKeyRecord | None:
+        """The record of the key ``key_id``, revoked or not, or None (no secret checked)."""
         record = self._recent.get(key_id)
         if record is None:
             record = await self._store.read(
@@ -88,12 +113,6 @@ class AccessKeys:
             )
             if record is not None:
                 self._recent.put(key_id, record)
-        # Compare even when the key is unknown, so that timing does not tell which it was.
-        expected = record.secret_hash if record is not None else bytes(32)
-        if not hmac.compare_digest(_digest(secret), expected) or record is None:
-            raise Unauthorized(f"unknown access key or wrong secret ({key_id})")
-        if record.revoked_at is not None:
-            raise Unauthorized(f"revoked access key ({key_id})")
         return record
 
     async def list(self) -> list[AccessKeyRecord]:

@@ -22,6 +22,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from api import device, relying_party
+from api.exchange import CompleteExchanges
 from api.metrics import metrics_text
 from api.openapi import api_page, openapi_document
 from api.routing import Auth, Call, Services, problem_response, record_refusal, route
@@ -60,6 +61,10 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
     app = QuartTrio("tapsign", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    # A refusal sent before the request body was read must not wedge the connection.
+    app.asgi_app = CompleteExchanges(  # type: ignore[method-assign]
+        app.asgi_app, max_body_bytes=max_body_bytes
+    )
     engine = services.engine
 
     async def run_engine(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -270,6 +270,8 @@ def keys_create(settings: Settings, arguments: argparse.Namespace) -> None:
             name=arguments.name,
             scopes=arguments.scope or sorted(SCOPES),
             callback_url=arguments.callback_url,
+            callbacks=settings.callbacks,
+            possession_only=arguments.possession_only,
         )
 
     created = _with_store(settings, create)
@@ -296,7 +298,8 @@ def keys_list(settings: Settings, arguments: argparse.Namespace) -> None:
 
     for key in _with_store(settings, listing):
         state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
-        print(f"{key.id}  {key.name:<20} {' '.join(sorted(key.scopes)):<27} {state}")
+        extra = "  possession-only" if key.possession_only else ""
+        print(f"{key.id}  {key.name:<20} {' '.join(sorted(key.scopes)):<27} {state}{extra}")
 
 
 def keys_revoke(settings: Settings, arguments: argparse.Namespace) -> None:
@@ -367,7 +370,9 @@ def demo_command(settings: Settings, arguments: argparse.Namespace) -> None:
     if access_key is None:
 
         async def create(store: Store) -> str:
-            _, key = await AccessKeys(store, clock=utc_now).create(name="demo")
+            _, key = await AccessKeys(store, clock=utc_now).create(
+                name="demo", callbacks=settings.callbacks
+            )
             return key
 
         access_key = _with_store(settings, create)
@@ -491,6 +496,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="relying party")
     create.add_argument("--scope", action="append", choices=sorted(SCOPES), help="repeatable")
     create.add_argument("--callback-url", help="callbacks of this key's transactions go here")
+    create.add_argument(
+        "--possession-only",
+        action="store_true",
+        help="may start authentications without user verification (possession only)",
+    )
     create.add_argument("--if-none", action="store_true", help="only if no active key exists")
     create.add_argument("--json", action="store_true")
     create.set_defaults(handler=keys_create)

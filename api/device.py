@@ -13,10 +13,11 @@ from quart import Quart
 
 from api import wire
 from api.routing import Auth, Call, Services, route
-from api.tokens import TokenKind
+from engine.actors import NOT_THIS_DEVICES
 from engine.errors import OperationNotFound, OperationNotPending
 from engine.model import DeviceAnswer, FailureReason, Operation
 from engine.payload import FORMAT
+from engine.tokens import TokenKind
 
 
 def device_view(operation: Operation) -> wire.DeviceOperation:
@@ -125,7 +126,7 @@ def register(app: Quart, services: Services) -> None:
         else:
             grant = call.grant or {}
             if grant.get("sub") != str(transaction_id):
-                raise OperationNotFound("no such transaction for this authenticator")
+                raise OperationNotFound(NOT_THIS_DEVICES)
             device_id = UUID(str(grant["dev"]))
         result = await supervisor.answer(
             transaction_id,

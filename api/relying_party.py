@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from uuid import UUID
 
+import msgspec
 import trio
 from quart import Quart, request
 
@@ -18,12 +19,14 @@ from api import wire
 from api.qr import qr_code
 from api.recent import Recent
 from api.routing import Auth, Call, Services, route
-from api.tokens import INTENT_LIFETIME, RESULT_LIFETIME, STATUS_GRACE, TokenKind
+from engine.actors import check_request
+from engine.callbacks import check_callback_url
 from engine.errors import (
     Forbidden,
     InvalidInput,
     OperationNotFound,
     TapsignError,
+    Unauthorized,
     UserNotFound,
 )
 from engine.model import (
@@ -35,8 +38,13 @@ from engine.model import (
     Payment,
     User,
 )
+from engine.store import AccessKeyRecord
+from engine.tokens import INTENT_LIFETIME, STATUS_GRACE, TokenKind
 
 LONG_POLL_LIMIT = 30.0
+#: What a front end holding an intent token may set itself: which of the intent's user's
+#: identifiers it gives, and the channel.
+_FRONT_END_FIELDS = frozenset({"username", "user_id", "channel"})
 
 
 def authenticator_view(device: Device) -> wire.Authenticator:
@@ -75,49 +83,86 @@ def register(app: Quart, services: Services) -> None:
     #: one or more status calls.
     usernames: Recent[UUID, str] = Recent(seconds=60.0, size=10_000)
 
-    def callback_url(call: Call, explicit: str | None) -> str | None:
-        return explicit or (call.client.callback_url if call.client is not None else None)
-
-    def client_id(call: Call) -> str | None:
-        return call.client.id if call.client is not None else None
+    callbacks = engine.settings.callbacks
 
     def operation_request(
-        call: Call,
-        body: wire.Approval | wire.Signature,
         kind: OperationKind,
+        fields: wire.Approval | wire.Signature | wire.IntentBinding,
         *,
+        client: AccessKeyRecord | None,
+        user_id: UUID | None,
+        username: str | None,
+        channel: str,
         payment: Payment | None = None,
         text: str | None = None,
+        post_context: str | None = None,
+        callback_url: str | None = None,
     ) -> OperationRequest:
-        """What approvals and signatures ask of the engine alike, and their own part."""
+        """What approvals, signatures and intents ask of the engine alike. The callback URL
+        is the access key's own unless the request names another it may use."""
+        own = client.callback_url if client is not None else None
         return OperationRequest(
             kind=kind,
-            user_id=body.user_id,
-            username=body.username if body.user_id is None else None,
-            device_id=body.authenticator_id,
-            message=body.message,
+            user_id=user_id,
+            username=username,
+            device_id=fields.authenticator_id,
+            message=fields.message,
             payment=payment,
             text=text,
-            pre_context=body.pre_operation_context,
-            post_context=body.post_operation_context,
-            require_user_verification=body.require_user_verification,
-            expires_in=body.expires_in,
-            callback_url=callback_url(call, body.callback_url),
-            client_id=client_id(call),
-            push_notification=body.notification_message or body.message
-            if body.channel == "push"
+            pre_context=fields.pre_operation_context,
+            post_context=post_context,
+            require_user_verification=fields.require_user_verification,
+            allow_possession_only=client is not None and client.possession_only,
+            expires_in=fields.expires_in,
+            callback_url=own
+            if callback_url is None
+            else check_callback_url(callback_url, own=own, settings=callbacks),
+            client_id=client.id if client is not None else None,
+            push_notification=fields.notification_message or fields.message
+            if channel == "push"
             else None,
         )
 
-    async def check_intent(call: Call, user_id: UUID | None, username: str | None) -> None:
-        """An intent token is bound to one user: the request must name that user."""
-        if call.grant is None:
-            return
-        subject = call.grant.get("sub")
-        if subject not in (str(user_id) if user_id else None, username):
+    def payment_of(fields: wire.Approval | wire.IntentBinding) -> Payment | None:
+        if fields.amount is not None and fields.currency is not None and fields.payee is not None:
+            return Payment(
+                amount=fields.amount,
+                currency=fields.currency,
+                payee=Payee(name=fields.payee.name, account=fields.payee.account),
+            )
+        if fields.amount is not None or fields.currency is not None or fields.payee is not None:
+            raise InvalidInput("a payment needs amount, currency and payee", field="amount")
+        return None
+
+    def approval_kind(payment: Payment | None) -> OperationKind:
+        return OperationKind.AUTHORISATION if payment else OperationKind.AUTHENTICATION
+
+    async def redeem_intent(
+        call: Call, body: wire.Enroll | wire.Approval
+    ) -> tuple[AccessKeyRecord, UUID | None, str, wire.IntentBinding]:
+        """The issuing access key, the user and the binding of the intent token the request
+        came with, which it consumes. The front end may name the intent's user (by the
+        identifiers the intent has) and choose the channel; everything else was bound by the
+        backend when it issued the intent."""
+        grant = call.grant or {}
+        for field in msgspec.structs.fields(body):
+            if field.name not in _FRONT_END_FIELDS and getattr(body, field.name) != field.default:
+                raise Forbidden(
+                    f"with an intent token, {field.encode_name} is the backend's: it is bound "
+                    "when the intent is issued"
+                )
+        bound_id, bound_name = grant.get("uid"), str(grant.get("usr"))
+        if (body.user_id is not None and str(body.user_id) != bound_id) or (
+            body.username is not None and body.username != bound_name
+        ):
             raise Forbidden("this intent token is for another user")
-        if not await services.tokens.consume(call.grant):
+        issuer = await services.access_keys.get(str(grant.get("cid")))
+        if issuer is None or issuer.revoked_at is not None:
+            raise Unauthorized("the access key that issued this intent token is revoked")
+        if not await services.tokens.consume(grant):
             raise Forbidden("this intent token has been used")
+        binding = msgspec.convert(grant.get("bind", {}), wire.IntentBinding)
+        return issuer, None if bound_id is None else UUID(str(bound_id)), bound_name, binding
 
     async def issue(kind: TokenKind, operation: Operation) -> str:
         if kind is TokenKind.STATUS:
@@ -175,14 +220,6 @@ def register(app: Quart, services: Services) -> None:
             status, reason = "failed", operation.status
         elif operation.failure_reason is not None:
             reason = operation.failure_reason.value
-        token = None
-        if status == "succeeded":
-            token = await services.tokens.issue(
-                TokenKind.RESULT,
-                subject=str(operation.user_id),
-                expires_at=services.clock() + RESULT_LIFETIME,
-                claims={"txn": str(operation.id), "kind": operation.kind.value},
-            )
         username = usernames.get(operation.user_id)
         if username is None:
             try:
@@ -199,7 +236,7 @@ def register(app: Quart, services: Services) -> None:
             user_id=operation.user_id,
             username=username,
             authenticator_id=operation.device_id,
-            token=token,
+            token=operation.result_token,
             consent=operation.result,
             created_at=operation.created_at,
             last_updated_at=operation.updated_at,
@@ -230,17 +267,24 @@ def register(app: Quart, services: Services) -> None:
         if it is unknown) or ``userId``."""
         if body.username is None and body.user_id is None:
             raise InvalidInput("give a username or a userId", field="username")
-        await check_intent(call, body.user_id, body.username)
+        client, user_id, username = call.client, body.user_id, body.username
+        message, expires_in, explicit_callback = body.message, body.expires_in, body.callback_url
+        if call.grant is not None:
+            client, user_id, username, binding = await redeem_intent(call, body)
+            message, expires_in = binding.message, binding.expires_in
+        own = client.callback_url if client is not None else None
         operation = await supervisor.start(
             OperationRequest(
                 kind=OperationKind.REGISTRATION,
-                user_id=body.user_id,
-                username=body.username if body.user_id is None else None,
-                create_user=body.user_id is None,
-                message=body.message,
-                callback_url=callback_url(call, body.callback_url),
-                expires_in=body.expires_in,
-                client_id=client_id(call),
+                user_id=user_id,
+                username=username,
+                create_user=user_id is None,
+                message=message,
+                callback_url=own
+                if explicit_callback is None
+                else check_callback_url(explicit_callback, own=own, settings=callbacks),
+                expires_in=expires_in,
+                client_id=client.id if client is not None else None,
             ),
             actor=call.actor,
         )
@@ -283,20 +327,32 @@ def register(app: Quart, services: Services) -> None:
         ``channel: push`` (default) asks the relying party (``push.created`` callback, if it
         has a callback URL) to notify the phone, which then fetches; ``app`` also returns a
         QR code and an app link, for a phone other than the device in use."""
-        await check_intent(call, body.user_id, body.username)
-        payment = None
-        if body.amount is not None and body.currency is not None and body.payee is not None:
-            payment = Payment(
-                amount=body.amount,
-                currency=body.currency,
-                payee=Payee(name=body.payee.name, account=body.payee.account),
+        if call.grant is not None:
+            client, user_id, username, binding = await redeem_intent(call, body)
+            payment = payment_of(binding)
+            request = operation_request(
+                approval_kind(payment),
+                binding,
+                client=client,
+                user_id=user_id,
+                username=username,
+                channel=body.channel,
+                payment=payment,
             )
-        elif body.amount is not None or body.currency is not None or body.payee is not None:
-            raise InvalidInput("a payment needs amount, currency and payee", field="amount")
-        kind = OperationKind.AUTHORISATION if payment else OperationKind.AUTHENTICATION
-        operation = await supervisor.start(
-            operation_request(call, body, kind, payment=payment), actor=call.actor
-        )
+        else:
+            payment = payment_of(body)
+            request = operation_request(
+                approval_kind(payment),
+                body,
+                client=call.client,
+                user_id=body.user_id,
+                username=body.username,
+                channel=body.channel,
+                payment=payment,
+                post_context=body.post_operation_context,
+                callback_url=body.callback_url,
+            )
+        operation = await supervisor.start(request, actor=call.actor)
         return await started(operation, body.channel)
 
     @route(
@@ -318,7 +374,17 @@ def register(app: Quart, services: Services) -> None:
         text, the transaction, user and authenticator, the time and the phone's own
         signature."""
         operation = await supervisor.start(
-            operation_request(call, body, OperationKind.SIGNATURE, text=body.text),
+            operation_request(
+                OperationKind.SIGNATURE,
+                body,
+                client=call.client,
+                user_id=body.user_id,
+                username=body.username,
+                channel=body.channel,
+                text=body.text,
+                post_context=body.post_operation_context,
+                callback_url=body.callback_url,
+            ),
             actor=call.actor,
         )
         return await started(operation, body.channel)
@@ -403,15 +469,61 @@ def register(app: Quart, services: Services) -> None:
     )
     async def intent(call: Call, body: wire.Intent) -> wire.IntentToken:
         """A short-lived token a front end may use, once, in place of the access key, to
-        start an enrolment (``enroll``) or an approval (``approve``) for this one user."""
-        if (body.username is None) == (body.user_id is None):
+        start an enrolment (``enroll``) or an approval (``approve``) for this one user, with
+        what the operation shows and signs bound now: the front end can choose the channel
+        and nothing else. An ``approve`` intent is for a user that exists; an ``enroll``
+        intent may name a new username."""
+        assert call.client is not None  # noqa: S101 - Auth.ACCESS_KEY guarantees it
+        if body.username is None and body.user_id is None:
             raise InvalidInput("give a username or a userId", field="username")
+        user: User | None = None
         if body.user_id is not None:
-            await identity.get_user(body.user_id)
+            user = await identity.get_user(body.user_id)
+            if body.username not in (None, user.username):
+                raise InvalidInput("userId and username name different users", field="username")
+        else:
+            try:
+                user = await identity.find_user(str(body.username))
+            except UserNotFound:
+                if body.operation == "approve":
+                    raise
+        username = user.username if user is not None else str(body.username)
+        binding = wire.IntentBinding(
+            **{name: getattr(body, name) for name in wire.IntentBinding.__struct_fields__}
+        )
+        if body.operation == "enroll":
+            bound = msgspec.structs.replace(binding, message="", expires_in=None)
+            if bound != wire.IntentBinding():
+                raise InvalidInput("an enroll intent binds message and expiresIn only")
+        else:
+            # What the intent will start is checked now, not when the front end uses it.
+            payment = payment_of(binding)
+            check_request(
+                operation_request(
+                    approval_kind(payment),
+                    binding,
+                    client=call.client,
+                    user_id=None if user is None else user.id,
+                    username=username,
+                    channel="push",
+                    payment=payment,
+                ),
+                engine.settings.operations,
+            )
         expires_at = services.clock() + INTENT_LIFETIME
-        subject = str(body.user_id) if body.user_id is not None else str(body.username)
+        claims: dict[str, object] = {
+            "op": body.operation,
+            "usr": username,
+            "cid": call.client.id,
+            "bind": msgspec.to_builtins(binding),
+        }
+        if user is not None:
+            claims["uid"] = str(user.id)
         token = await services.tokens.issue(
-            TokenKind.INTENT, subject=subject, expires_at=expires_at, claims={"op": body.operation}
+            TokenKind.INTENT,
+            subject=username if user is None else str(user.id),
+            expires_at=expires_at,
+            claims=claims,
         )
         return wire.IntentToken(token=token, expires_at=expires_at)
 

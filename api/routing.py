@@ -25,7 +25,7 @@ from api.access import AccessKeys
 from api.admission import Admission
 from api.device_auth import DeviceRequests
 from api.ratelimit import RateLimit
-from api.tokens import TokenKind, Tokens
+from api.tokens import Tokens
 from api.wire import Problem
 from engine import store as db
 from engine.errors import (
@@ -39,6 +39,7 @@ from engine.errors import (
 from engine.model import Clock, Device
 from engine.service import Engine
 from engine.store import AccessKeyRecord
+from engine.tokens import TokenKind
 
 log = logging.getLogger(__name__)
 security = logging.getLogger("tapsign.security")
@@ -84,6 +85,8 @@ class Call:
             return f"relying-party:{self.client.id}"
         if self.device is not None:
             return f"device:{self.device.id}"
+        if self.grant is not None and "cid" in self.grant:
+            return f"intent:{self.grant['cid']}"  # an intent token issued by this access key
         return "token"
 
 

@@ -1,27 +1,15 @@
-"""The tokens tapsign issues: JWTs signed by the token-signing key in the HSM.
+"""The tokens tapsign issues and checks: JWTs signed by the token-signing key in the HSM.
 
-* ``status`` -- held by the relying party's front end; reads one transaction's status;
-  lives as long as the transaction plus an hour; reusable.
-* ``dispatch`` -- in the QR code or app link; lets a phone fetch one transaction and
-  answer a registration; lives as long as the transaction; reusable until it ends.
-* ``result`` -- in the status answer after a success; proves the success to the relying
-  party's backend through introspection; 5 minutes; once.
-* ``intent`` -- held by a front end; starts one enrolment or approval for one user, in
-  place of the access key; 5 minutes; once.
-
-Each kind has its own audience (``tapsign:<kind>``), so no token serves as another kind
-(a status token is not an access key, a dispatch token not a status token). One-time
-tokens are consumed by recording their ``jti`` (engine/store.py ``consume_token``).
-Verifying needs no HSM: only the public keys of the keyring.
+Their kinds, lifetimes and claims are engine/tokens.py's. One-time tokens are consumed by
+recording their ``jti`` (engine/store.py ``consume_token``). Verifying needs no HSM: only the
+public keys of the keyring.
 """
 
 from __future__ import annotations
 
 import functools
-import secrets
 from collections.abc import Mapping
-from datetime import datetime, timedelta
-from enum import StrEnum
+from datetime import datetime
 from typing import Any
 
 import jwt
@@ -31,24 +19,10 @@ from engine import store as db
 from engine.errors import Unauthorized
 from engine.model import Clock
 from engine.store import Store
+from engine.tokens import TokenKind, token_claims
 from hsm.errors import InvalidToken
 from hsm.keyring import KeyPurpose, Keyring
 from hsm.tokens import TokenSigner
-
-RESULT_LIFETIME = timedelta(minutes=5)
-INTENT_LIFETIME = timedelta(minutes=5)
-STATUS_GRACE = timedelta(hours=1)
-
-
-class TokenKind(StrEnum):
-    STATUS = "status"
-    DISPATCH = "dispatch"
-    RESULT = "result"
-    INTENT = "intent"
-
-    @property
-    def audience(self) -> str:
-        return f"tapsign:{self.value}"
 
 
 class Tokens:
@@ -67,17 +41,11 @@ class Tokens:
         claims: Mapping[str, Any] | None = None,
     ) -> str:
         """A signed token of ``kind`` (signing happens in the HSM, in a worker thread)."""
-        now = self._clock()
-        document = {
-            "aud": kind.audience,
-            "sub": subject,
-            "iat": int(now.timestamp()),
-            "exp": int(expires_at.timestamp()),
-            "jti": secrets.token_urlsafe(16),
-            **(claims or {}),
-        }
+        document = token_claims(
+            kind, subject=subject, now=self._clock(), expires_at=expires_at, claims=claims
+        )
         return await trio.to_thread.run_sync(
-            functools.partial(self._signer.encode, document, token_type=f"{kind.value}+jwt")
+            functools.partial(self._signer.encode, document, token_type=kind.media_type)
         )
 
     def verify(self, token: str, kind: TokenKind) -> dict[str, Any]:

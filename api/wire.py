@@ -240,8 +240,28 @@ class Status(Wire, frozen=True, kw_only=True):
     expires_at: datetime | None = None
 
 
-class Intent(Wire, frozen=True, kw_only=True):
-    """``POST /api/v1/intent``: a one-time token for a front end, bound to a user and a call."""
+class IntentBinding(Wire, frozen=True, kw_only=True, omit_defaults=True):
+    """What an intent token fixes of the operation it starts, when the backend issues it.
+    The front end holding the token chooses none of it: the amount, payee and text of a
+    payment are the backend's, and so are the callback URL (the issuing access key's own)
+    and whether the user must be verified. A post-operation context cannot be bound (the
+    token is readable by the front end)."""
+
+    authenticator_id: UUID | None = None
+    message: Message = ""
+    notification_message: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    amount: Amount | None = None
+    currency: Currency | None = None
+    payee: Payee | None = None
+    pre_operation_context: Context | None = None
+    require_user_verification: bool | None = None
+    expires_in: ExpiresIn | None = None
+
+
+class Intent(IntentBinding, frozen=True, kw_only=True):
+    """``POST /api/v1/intent``: a one-time token for a front end, bound to a user, a call and
+    what the operation will show and sign (an ``enroll`` intent binds ``message`` and
+    ``expiresIn`` only)."""
 
     username: Username | None = None
     user_id: UUID | None = None

@@ -93,6 +93,7 @@ from engine.payload import b64url, signed_payload
 from engine.peers import Peers
 from engine.settings import MIN_SECONDS, PSD2_MAX_SECONDS, OperationSettings
 from engine.store import OutboxItem, Store
+from engine.tokens import RESULT_LIFETIME, TokenKind, token_claims
 from hsm import ecdsa
 from hsm.keyring import Keyring
 from hsm.tokens import TokenSigner
@@ -101,6 +102,8 @@ from hsm.verifier import BatchVerifier
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: What a phone is told of a transaction that is not its own, or does not exist.
+NOT_THIS_DEVICES = "no such transaction for this authenticator"
 _NEEDS_UV = frozenset({OperationKind.AUTHORISATION, OperationKind.SIGNATURE})
 
 
@@ -118,6 +121,8 @@ class Context:
     verifier: BatchVerifier
     attestor: Attestor
     consent: TokenSigner
+    #: Signs result tokens.
+    tokens: TokenSigner
     callbacks: CallbackQueue
     dispatcher: Dispatcher
     peers: Peers
@@ -128,8 +133,8 @@ class Context:
 def check_request(request: OperationRequest, settings: OperationSettings) -> int:
     """Check a request against the rules of its kind; the lifetime in seconds if it passes."""
     kind = request.kind
-    if (request.user_id is None) == (request.username is None):
-        raise InvalidInput("give the user by userId or by username, not both", field="userId")
+    if request.user_id is None and request.username is None:
+        raise InvalidInput("give the user by userId or by username", field="userId")
     if request.username is not None:
         check_username(request.username)
     if request.create_user and kind is not OperationKind.REGISTRATION:
@@ -155,6 +160,19 @@ def check_request(request: OperationRequest, settings: OperationSettings) -> int
         or len(request.callback_url) > 2000
     ):
         raise InvalidInput("the callback URL is an http(s) URL", field="callbackUrl")
+    if request.require_user_verification is False and kind is not OperationKind.REGISTRATION:
+        if kind in _NEEDS_UV:
+            # Strong customer authentication is possession plus a second factor, for every
+            # payment and every signed consent (PSD2 RTS art. 4).
+            raise InvalidInput(
+                "an authorisation or a signature always needs the user verified on the phone",
+                field="requireUserVerification",
+            )
+        if not request.allow_possession_only:
+            raise InvalidInput(
+                "this access key may not start authentications without user verification",
+                field="requireUserVerification",
+            )
     limit = PSD2_MAX_SECONDS if kind in _NEEDS_UV else settings.max_seconds
     seconds = request.expires_in or min(settings.default_seconds, limit)
     if not MIN_SECONDS <= seconds <= limit:
@@ -391,7 +409,7 @@ class OperationActor:
         operation = self.operation
         if answer.device_id != operation.device_id:
             # Not this device's transaction: say nothing about it (another user's device).
-            raise OperationNotFound("no such transaction for this authenticator")
+            raise OperationNotFound(NOT_THIS_DEVICES)
         await self._expire_if_due()
         self._transition(Answer())  # refuses a second answer or a replay; nothing stored yet
         registering = operation.kind is OperationKind.REGISTRATION
@@ -437,7 +455,10 @@ class OperationActor:
                 signature_valid=valid,
                 decision=answer.decision,
                 user_verification=answer.user_verification,
-                require_user_verification=operation.require_user_verification,
+                # Operations stored before every authorisation and signature had to be
+                # verified (PSD2 RTS art. 4) may say otherwise.
+                require_user_verification=operation.require_user_verification
+                or operation.kind in _NEEDS_UV,
             )
         attestation: str | None = None
         refusal: str | None = None
@@ -461,8 +482,8 @@ class OperationActor:
                 public_key=point, device_name=answer.device_name, device_platform=answer.platform
             )
         post_context = None
-        if succeeded and operation.kind is OperationKind.SIGNATURE:
-            changes["result"] = await self._consent_token(answer, payload, point)
+        if succeeded:
+            changes.update(await self._evidence(operation, answer, payload, point))
         if succeeded and operation.post_context_sealed is not None:
             post_context = (
                 await trio.to_thread.run_sync(
@@ -518,35 +539,55 @@ class OperationActor:
             return None, str(exc)
         return attested, None
 
-    async def _consent_token(self, answer: DeviceAnswer, payload: bytes, point: bytes) -> str:
-        """The consent JWT: evidence anyone can check offline (JWKS for tapsign's signature,
-        the embedded key for the device's)."""
-        operation = self.operation
+    async def _evidence(
+        self, operation: Operation, answer: DeviceAnswer, payload: bytes, point: bytes
+    ) -> dict[str, str]:
+        """What a success leaves behind, signed in the HSM in one thread hop: the result
+        token (one per transaction: every status answer carries this one), and for a
+        signature the consent JWT, evidence anyone can check offline (JWKS for tapsign's
+        signature, the embedded key for the device's)."""
         now = self.context.clock()
-        text = operation.text or ""
-        claims = {
-            "jti": str(operation.id),
-            "sub": str(operation.user_id),
-            "iat": int(now.timestamp()),
-            "txn": str(operation.id),
-            "authenticator": str(answer.device_id),
-            "consent": {
-                "text": text,
-                "sha256": b64url(hashlib.sha256(text.encode()).digest()),
-                "context": operation.pre_context or "",
-            },
-            "userVerification": answer.user_verification.value,
-            "signedPayload": b64url(payload),
-            "deviceSignature": b64url(answer.signature),
-            "devicePublicKey": b64url(point),
-        }
-        return await trio.to_thread.run_sync(
-            functools.partial(
-                self.context.consent.encode,
-                claims,
-                token_type="consent+jwt",  # noqa: S106 - a JWT type, not a password
-            )
+        result = token_claims(
+            TokenKind.RESULT,
+            subject=str(operation.user_id),
+            now=now,
+            expires_at=now + RESULT_LIFETIME,
+            claims={"txn": str(operation.id), "kind": operation.kind.value},
         )
+        consent = None
+        if operation.kind is OperationKind.SIGNATURE:
+            text = operation.text or ""
+            consent = {
+                "jti": str(operation.id),
+                "sub": str(operation.user_id),
+                "iat": int(now.timestamp()),
+                "txn": str(operation.id),
+                "authenticator": str(answer.device_id),
+                "consent": {
+                    "text": text,
+                    "sha256": b64url(hashlib.sha256(text.encode()).digest()),
+                    "context": operation.pre_context or "",
+                },
+                "userVerification": answer.user_verification.value,
+                "signedPayload": b64url(payload),
+                "deviceSignature": b64url(answer.signature),
+                "devicePublicKey": b64url(point),
+            }
+
+        def sign() -> dict[str, str]:
+            signed = {
+                "result_token": self.context.tokens.encode(
+                    result, token_type=TokenKind.RESULT.media_type
+                )
+            }
+            if consent is not None:
+                signed["result"] = self.context.consent.encode(
+                    consent,
+                    token_type="consent+jwt",  # noqa: S106 - a JWT type, not a password
+                )
+            return signed
+
+        return await trio.to_thread.run_sync(sign)
 
 
 def _record_answer(
@@ -773,13 +814,21 @@ class Supervisor:
         if self._actors.get(actor.operation.id) is actor:
             del self._actors[actor.operation.id]
 
-    async def _live(self, operation_id: UUID) -> OperationActor:
+    async def _live(self, operation_id: UUID, device_id: UUID | None = None) -> OperationActor:
         """The operation's actor here. A pending operation without one (created by another
-        process) gets one; an ended operation refuses with its status."""
+        process) gets one; an ended operation refuses with its status.
+
+        With ``device_id`` (a phone asks), an operation that is not that device's is refused
+        exactly as one that does not exist, whatever its state: a phone learns nothing of
+        another user's transactions."""
         actor = self._actors.get(operation_id)
+        operation = actor.operation if actor is not None else await self._read(operation_id)
+        if device_id is not None and (operation is None or operation.device_id != device_id):
+            raise OperationNotFound(NOT_THIS_DEVICES)
+        if operation is None:
+            raise OperationNotFound("no transaction with that id")
         if actor is not None:
             return actor
-        operation = await self._stored(operation_id)
         if operation.phase.terminal:
             raise OperationNotPending(f"the transaction is {operation.status}")
         return self._actors.get(operation_id) or self._spawn(operation)
@@ -808,7 +857,6 @@ class Supervisor:
                 device_id = uuid4()
             else:
                 device_id = _target_device(connection, user, request.device_id).id
-            required = request.require_user_verification
             operation = Operation(
                 id=operation_id,
                 kind=request.kind,
@@ -826,9 +874,8 @@ class Supervisor:
                 text=request.text,
                 pre_context=request.pre_context,
                 post_context_sealed=sealed,
-                require_user_verification=(
-                    request.kind in _NEEDS_UV if required is None else required
-                ),
+                require_user_verification=request.kind is not OperationKind.REGISTRATION
+                and request.require_user_verification is not False,
                 callback_url=request.callback_url,
             )
             db.insert_operations(connection, [operation])
@@ -900,23 +947,24 @@ class Supervisor:
                     del self._watches[operation_id]
 
     async def _stored(self, operation_id: UUID) -> Operation:
-        operation = await self.context.store.read(
-            lambda connection: db.get_operation(connection, operation_id)
-        )
+        operation = await self._read(operation_id)
         if operation is None:
             raise OperationNotFound("no transaction with that id")
         return operation
 
+    async def _read(self, operation_id: UUID) -> Operation | None:
+        return await self.context.store.read(
+            lambda connection: db.get_operation(connection, operation_id)
+        )
+
     async def dispatch(self, operation_id: UUID, device_id: UUID) -> Operation:
         """The phone fetched the operation (by push, QR code, app link or polling)."""
-        actor = await self._live(operation_id)
-        if actor.operation.device_id != device_id:
-            raise OperationNotFound("no such transaction for this authenticator")
+        actor = await self._live(operation_id, device_id)
         result: Operation = await actor.ask(Dispatch())
         return result
 
     async def answer(self, operation_id: UUID, answer: DeviceAnswer) -> AnswerResult:
-        actor = await self._live(operation_id)
+        actor = await self._live(operation_id, answer.device_id)
         result: AnswerResult = await actor.ask(Answer(), answer)
         return result
 
@@ -951,6 +999,9 @@ def _resolve_user(connection: Connection, request: OperationRequest, now: dateti
         user = db.get_user(connection, request.user_id)
         if user is None:
             raise UserNotFound("no user with that id")
+        if request.username is not None and request.username != user.username:
+            # Neither may silently win: an intent bound to one of them would follow the other.
+            raise InvalidInput("userId and username name different users", field="username")
         return user
     username = request.username or ""
     user = db.find_user(connection, username)

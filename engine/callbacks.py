@@ -8,11 +8,20 @@ survives a restart: at start-up every row neither delivered nor given up is queu
 
 Rows are queued per operation and delivered in order: the next callback of an operation
 waits until the one before it is delivered or given up. Different operations proceed
-independently, at most ``concurrency`` requests in flight, so a relying party whose
-endpoint fails does not hold up anyone else's callbacks: its deliveries sleep on their
-backoff (exponential from ``first_retry_seconds``, capped at ``max_retry_seconds``) and
-are given up after ``give_up_seconds`` (kept in the outbox, marked failed, logged).
-Delivery is at least once: ``Tapsign-Delivery`` carries the outbox id as an idempotency key.
+independently, at most ``concurrency`` requests in flight, and at most ``per_destination``
+to one destination (scheme, host and port), so a relying party whose endpoint fails or
+answers slowly does not hold up anyone else's callbacks: a slow receiver holds its own
+slots only, and failed deliveries sleep on their backoff (exponential from
+``first_retry_seconds``, capped at ``max_retry_seconds``) and are given up after
+``give_up_seconds`` (kept in the outbox, marked failed, logged). Delivery is at least once:
+``Tapsign-Delivery`` carries the outbox id as an idempotency key.
+
+Where callbacks may go is the operator's decision, not the caller's: a request's callback
+URL must be its access key's own or lie under ``allowed_urls`` (:func:`check_callback_url`),
+and loopback, link-local and private addresses are refused unless
+``allow_private_networks`` is set, when the URL is given (an address) and again when a
+delivery resolves the host name (a name that resolves to one), so that a callback URL cannot
+make tapsign post into the network it runs in.
 
 Every request is signed with the callback-signing key in the HSM (ES256, verifiable from
 the JWKS; docs/reference/callbacks.md)::
@@ -24,11 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import logging
 from collections import deque
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 import msgspec
@@ -74,6 +85,8 @@ class CallbackDeliverer:
         self._queues: dict[str, deque[OutboxItem]] = {}
         self._queued: set[int] = set()
         self._limiter = trio.CapacityLimiter(settings.concurrency)
+        #: Slots per destination; as many as the configuration names destinations.
+        self._destinations: dict[str, trio.CapacityLimiter] = {}
         self._nursery: trio.Nursery | None = None
         self._delivered = 0
         self._retried = 0
@@ -133,7 +146,18 @@ class CallbackDeliverer:
         next_attempt_at, attempts = item.next_attempt_at, item.attempts
         while True:
             await trio.sleep(max((next_attempt_at - self._clock()).total_seconds(), 0.0))
-            async with self._limiter:
+            try:
+                destination = _origin(_split(item.url))
+            except InvalidInput:
+                destination = item.url  # cannot be sent to: its attempts fail on their own
+            slots = self._destinations.get(destination)
+            if slots is None:
+                slots = self._destinations[destination] = trio.CapacityLimiter(
+                    self._settings.per_destination
+                )
+            # The destination's slot first: deliveries queued behind a slow receiver wait
+            # without holding one of the slots every destination shares.
+            async with slots, self._limiter:
                 error = await self._post(item)
             now = self._clock()
             attempts += 1
@@ -201,6 +225,11 @@ class CallbackDeliverer:
         }
         if self._client is None:  # pragma: no cover - run() sets it first
             return "no HTTP client"
+        if not self._settings.allow_private_networks:
+            refusal = await _private_destination(item.url)
+            if refusal is not None:
+                log.warning("callback %s refused: %s", item.id, refusal)
+                return refusal
         try:
             response = await self._client.post(item.url, content=item.body, headers=headers)
         except httpx.HTTPError as exc:
@@ -245,3 +274,83 @@ def outbox_row(
         created_at=now,
         next_attempt_at=now,
     )
+
+
+def check_callback_url(url: str, *, own: str | None, settings: CallbackSettings) -> str:
+    """``url``, if a request may have its callbacks sent there: its access key's own callback
+    URL, or a URL under one of ``settings.allowed_urls``, and not a private address unless
+    allowed; :class:`InvalidInput` otherwise."""
+    split = _split(url)
+    if url != own and not any(_under(split, _split(allowed)) for allowed in settings.allowed_urls):
+        raise InvalidInput(
+            "the callback URL must be the access key's own or one that the [callbacks] "
+            "allowed_urls setting allows",
+            field="callbackUrl",
+        )
+    check_destination(url, settings)
+    return url
+
+
+def check_destination(url: str, settings: CallbackSettings) -> None:
+    """Refuse a URL whose host is a loopback, link-local or private address (or
+    ``localhost``) unless ``allow_private_networks``; names are checked when resolved."""
+    host = (_split(url).hostname or "").lower()
+    if settings.allow_private_networks:
+        return
+    if host == "localhost" or host.endswith(".localhost") or _non_public(host):
+        raise InvalidInput(
+            "callbacks to loopback, link-local and private addresses are not allowed "
+            "([callbacks] allow_private_networks)",
+            field="callbackUrl",
+        )
+
+
+def _split(url: str) -> SplitResult:
+    """``url`` split, with a host and a port that can be read; :class:`InvalidInput` if not."""
+    try:
+        split = urlsplit(url)
+        split.hostname, split.port  # noqa: B018 - each raises ValueError if malformed
+    except ValueError as exc:
+        raise InvalidInput("the callback URL is an http(s) URL", field="callbackUrl") from exc
+    return split
+
+
+def _origin(url: SplitResult) -> str:
+    default = 443 if url.scheme == "https" else 80
+    return f"{url.scheme}://{(url.hostname or '').lower()}:{url.port or default}"
+
+
+def _under(url: SplitResult, allowed: SplitResult) -> bool:
+    """Whether ``url`` has the origin of ``allowed`` and a path that starts with its path."""
+    return _origin(url) == _origin(allowed) and url.path.startswith(allowed.path)
+
+
+def _non_public(host: str) -> bool:
+    """Whether ``host`` is an IP address that is not a public unicast one."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_global or address.is_multicast
+
+
+async def _private_destination(address: str) -> str | None:
+    """Why a delivery to ``address`` is refused (its host is or resolves to a non-public
+    address), or None. (The HTTP client resolves the name again; an operator who must close
+    that window too puts an egress proxy in front, docs/reference/callbacks.md.)"""
+    try:
+        url = _split(address)
+    except InvalidInput:
+        return "InvalidURL"
+    host = (url.hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost") or _non_public(host):
+        return "destination address not allowed"
+    try:
+        found = await trio.socket.getaddrinfo(host, url.port or 443, type=trio.socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot resolve the destination: {exc.strerror or type(exc).__name__}"
+    if any(_non_public(str(entry[4][0]).split("%")[0]) for entry in found):
+        return "destination resolves to a non-public address"
+    return None

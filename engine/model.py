@@ -204,6 +204,8 @@ class Operation(msgspec.Struct, frozen=True, kw_only=True):
     completed_at: datetime | None = None
     #: The consent JWT of a successful signature operation.
     result: str | None = None
+    #: The result token of a success, made once (engine/tokens.py).
+    result_token: str | None = None
 
     @property
     def status(self) -> str:
@@ -214,7 +216,7 @@ class OperationRequest(msgspec.Struct, frozen=True, kw_only=True):
     """What a relying party asks for. Checked by :func:`engine.actors.check_request`."""
 
     kind: OperationKind
-    #: The user, by id or by username (exactly one).
+    #: The user, by id or by username; both if they name the same user.
     user_id: UUID | None = None
     username: str | None = None
     #: Registration only: create the user if the username is unknown.
@@ -226,9 +228,12 @@ class OperationRequest(msgspec.Struct, frozen=True, kw_only=True):
     text: str | None = None
     pre_context: str | None = None
     post_context: str | None = None
-    #: Require inherence or knowledge besides possession; default: yes for authorisations
-    #: and signatures (two factors, PSD2 RTS arts. 6-9), no otherwise.
+    #: Require inherence or knowledge besides possession (PSD2 RTS arts. 4, 6-9): always for
+    #: authorisations and signatures, by default for authentications, which may be
+    #: possession-only when the caller is allowed them; never asked of a registration.
     require_user_verification: bool | None = None
+    #: The caller (its access key) may start possession-only authentications.
+    allow_possession_only: bool = False
     #: Lifetime in seconds; default and bounds in :class:`engine.settings.OperationSettings`.
     expires_in: int | None = None
     callback_url: str | None = None

@@ -93,6 +93,7 @@ operations = sa.Table(
     sa.Column("device_signature", sa.LargeBinary),
     sa.Column("failure_reason", sa.String(32)),
     sa.Column("result", sa.Text),
+    sa.Column("result_token", sa.Text),
     sa.Index("ix_operations_phase_expires_at", "phase", "expires_at"),
     sa.Index("ix_operations_device_id_phase", "device_id", "phase"),
 )
@@ -151,6 +152,8 @@ access_keys = sa.Table(
     sa.Column("callback_url", sa.String(2000)),
     sa.Column("created_at", Time, nullable=False),
     sa.Column("revoked_at", Time),
+    #: The key may start authentications without user verification (possession only).
+    sa.Column("possession_only", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 #: One-time tokens (intent, result) once used: their ``jti`` may not be used again.

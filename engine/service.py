@@ -58,6 +58,7 @@ class Engine:
                 verifier=verifier,
                 attestor=Attestor(settings.attestation),
                 consent=TokenSigner(keyring, KeyPurpose.CONSENT, issuer=issuer),
+                tokens=TokenSigner(keyring, KeyPurpose.TOKEN, issuer=issuer),
                 callbacks=self.callbacks,
                 dispatcher=WebhookDispatcher(),
                 peers=self.peers,

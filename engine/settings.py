@@ -37,6 +37,17 @@ class OperationSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 class CallbackSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     #: Deliveries in flight at once, over all relying parties.
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
+    #: Deliveries in flight at once to one destination (scheme, host and port), so that one
+    #: slow receiver cannot take every slot.
+    per_destination: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
+    #: Where a request may send its callbacks besides its access key's own callback URL:
+    #: URL prefixes (scheme, host, port and the start of the path), such as
+    #: ``https://bank.example/tapsign/``. Empty: only the access key's callback URL.
+    allowed_urls: list[str] = []
+    #: Allow callbacks to loopback, link-local and private addresses (and to host names that
+    #: resolve to one). Off: such destinations are refused, so that a callback URL cannot
+    #: make tapsign post into the network it runs in (server-side request forgery).
+    allow_private_networks: bool = False
     timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=60)] = 10.0
     first_retry_seconds: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     max_retry_seconds: Annotated[float, msgspec.Meta(gt=0)] = 3600.0

@@ -465,6 +465,7 @@ def _operation(row: sa.Row[Any]) -> Operation:
         device_signature=None if row.device_signature is None else bytes(row.device_signature),
         failure_reason=None if row.failure_reason is None else FailureReason(row.failure_reason),
         result=row.result,
+        result_token=row.result_token,
     )
 
 
@@ -506,6 +507,7 @@ def _operation_values(operation: Operation) -> dict[str, Any]:
             None if operation.failure_reason is None else operation.failure_reason.value
         ),
         "result": operation.result,
+        "result_token": operation.result_token,
     }
 
 
@@ -777,6 +779,8 @@ class AccessKeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     callback_url: str | None
     created_at: datetime
     revoked_at: datetime | None = None
+    #: May start authentications without user verification (possession only).
+    possession_only: bool = False
 
 
 def insert_access_key(connection: Connection, record: AccessKeyRecord) -> None:
@@ -789,6 +793,7 @@ def insert_access_key(connection: Connection, record: AccessKeyRecord) -> None:
             callback_url=record.callback_url,
             created_at=record.created_at,
             revoked_at=record.revoked_at,
+            possession_only=record.possession_only,
         )
     )
 
@@ -802,6 +807,7 @@ def _access_key(row: sa.Row[Any]) -> AccessKeyRecord:
         callback_url=row.callback_url,
         created_at=_required_utc(row.created_at),
         revoked_at=_utc(row.revoked_at),
+        possession_only=row.possession_only,
     )
 
 

@@ -19,12 +19,14 @@ class Received(msgspec.Struct, frozen=True):
 
 
 class Receiver:
-    """Records every request; ``status`` decides the answer for a path (default 200)."""
+    """Records every request; ``status`` decides the answer for a path (default 200), and
+    ``delay`` how long the answer takes (default at once)."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.received: list[Received] = []
         self.status: Callable[[str], int] = lambda path: 200
+        self.delay: Callable[[str], float] = lambda path: 0.0
         self.arrived = trio.Event()
 
     def url(self, path: str = "/callbacks") -> str:
@@ -61,6 +63,7 @@ class Receiver:
                     self.received.append(Received(path, headers, body))
                     self.arrived.set()
                     self.arrived = trio.Event()
+                    await trio.sleep(self.delay(path))
                     response = h11.Response(
                         status_code=self.status(path), headers=[("content-length", "0")]
                     )

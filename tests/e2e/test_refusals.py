@@ -7,13 +7,15 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
 from openapi_spec_validator import validate
 
+from api import wire
 from api.device_auth import canonical_request, sign_headers
 from sdk.client import ApiError, Client
 from sdk.device import Authenticator, Device
@@ -300,43 +302,53 @@ def _metric(server: Server, name: str) -> float:
     raise AssertionError(f"no metric {name}")
 
 
-def test_new_transactions_are_shed_with_503_while_saturated(saturable: Server) -> None:
-    phone = Device(saturable.url)
+@contextmanager
+def saturated(server: Server) -> Iterator[tuple[Client, Device, str, wire.Started]]:
+    """``server`` (``max_active_requests = 1``) with its one place taken: another program
+    holds the database's write lock, so a start that must write waits in the route and
+    keeps its place. Yields a client, an enrolled phone and its username, and a pending
+    transaction started before; the held start goes through afterwards."""
+    phone = Device(server.url)
 
     def hold() -> None:
-        with Client(saturable.url, saturable.access_key) as other:
+        with Client(server.url, server.access_key) as other:
             held.append(other.approve(username=username))
 
-    with Client(saturable.url, saturable.access_key) as client:
+    with Client(server.url, server.access_key) as client:
         username = enrolled(client, phone)
         pending = client.approve(username=username)
-        # Another program holds the database's write lock: a start that must write waits
-        # in the route and keeps its place (max_active_requests = 1 here).
-        lock = sqlite3.connect(saturable.directory / "var" / "tapsign.db", timeout=1)
+        lock = sqlite3.connect(server.directory / "var" / "tapsign.db", timeout=1)
         lock.execute("BEGIN IMMEDIATE")
         held: list[object] = []
         holder = threading.Thread(target=hold)
         try:
             holder.start()
             deadline = time.monotonic() + 20
-            while _metric(saturable, "tapsign_requests_active") < 2:  # the held one and this
+            while _metric(server, "tapsign_requests_active") < 2:  # the held one and this
                 assert time.monotonic() < deadline, "the start never reached the route"
                 time.sleep(0.05)
-            with pytest.raises(ApiError) as refused:
-                client.approve(username=username)
-            assert (refused.value.status, refused.value.retry_after) == (503, 1.0)
-            assert refused.value.problem_type == "https://tapsign.dev/problems/overloaded"
-            # What finishes a started transaction is still served (reads pass the lock).
-            assert client.status(pending.status_token).status == "pending"
-            assert [operation.id for operation in phone.pending()] == [pending.transaction_id]
+            yield client, phone, username, pending
         finally:
             lock.rollback()
             lock.close()
             holder.join(timeout=60)
             phone.close()
         assert len(held) == 1  # the held start went through once the lock was gone
+
+
+def test_new_transactions_are_shed_with_503_while_saturated(saturable: Server) -> None:
+    shed = _metric(saturable, "tapsign_requests_shed_total")
+    with saturated(saturable) as (client, phone, username, pending):
+        with pytest.raises(ApiError) as refused:
+            client.approve(username=username)
+        assert (refused.value.status, refused.value.retry_after) == (503, 1.0)
+        assert refused.value.problem_type == "https://tapsign.dev/problems/overloaded"
+        # What finishes a started transaction is still served (reads pass the lock).
+        assert client.status(pending.status_token).status == "pending"
+        assert [operation.id for operation in phone.pending()] == [pending.transaction_id]
+    with Client(saturable.url, saturable.access_key) as client:
         assert client.approve(username=username).status_token
-    assert _metric(saturable, "tapsign_requests_shed_total") == 1
+    assert _metric(saturable, "tapsign_requests_shed_total") == shed + 1
 
 
 def test_the_device_api_is_rate_limited_per_device_and_per_address(limited: Server) -> None:

@@ -126,7 +126,8 @@ def engine_factory(database_url: str, keyring: Keyring) -> EngineFactory:
         engine = Engine(
             EngineSettings(
                 database=DatabaseSettings(url=database_url, pool_size=4),
-                callbacks=callbacks or CallbackSettings(),
+                # The tests' receivers listen on the loopback interface.
+                callbacks=callbacks or CallbackSettings(allow_private_networks=True),
                 peers_dir=peers_dir,
             ),
             keyring=keyring,

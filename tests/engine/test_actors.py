@@ -111,7 +111,7 @@ async def test_authentication_and_the_status_waiter(engine: Engine) -> None:
     assert (operation.status, operation.device_id, operation.require_user_verification) == (
         "pending",
         device_id,
-        False,
+        True,  # two factors by default, for authentications too
     )
     woken: list[Operation] = []
 
@@ -175,6 +175,18 @@ async def test_declines_are_signed(engine: Engine) -> None:
     result = await engine.supervisor.answer(operation.id, forged)
     assert result.operation.failure_reason is FailureReason.BAD_SIGNATURE
     assert (await engine.identity.get_device(device_id)).failed_attempts == 1
+
+
+async def test_possession_only_authentications_when_the_caller_may(engine: Engine) -> None:
+    phone, user_id, _ = await enrol(engine)
+    operation = await start(
+        engine, user_id, require_user_verification=False, allow_possession_only=True
+    )
+    assert not operation.require_user_verification
+    result = await engine.supervisor.answer(
+        operation.id, phone.answer(operation, user_verification=UserVerification.NONE)
+    )
+    assert result.operation.phase is Phase.SUCCEEDED
 
 
 async def test_user_verification_can_be_required(engine: Engine) -> None:
@@ -363,6 +375,32 @@ async def test_consent_jwt_is_evidence_anyone_can_check(engine: Engine, keyring:
         ({"device_id": uuid4()}, InvalidInput, r"^the user has no authenticator with that id$"),
         ({"pre_context": "c" * 2049}, InvalidInput, r"^a context has at most 2048 characters$"),
         ({"callback_url": "ftp://x"}, InvalidInput, r"^the callback URL is an http\(s\) URL$"),
+        (
+            {"require_user_verification": False},
+            InvalidInput,
+            r"^this access key may not start authentications without user verification$",
+        ),
+        (
+            {
+                "kind": OperationKind.AUTHORISATION,
+                "payment": PAYMENT,
+                "require_user_verification": False,
+                "allow_possession_only": True,
+            },
+            InvalidInput,
+            r"^an authorisation or a signature always needs the user verified on the phone$",
+        ),
+        (
+            {
+                "kind": OperationKind.SIGNATURE,
+                "text": "I agree",
+                "require_user_verification": False,
+                "allow_possession_only": True,
+            },
+            InvalidInput,
+            r"^an authorisation or a signature always needs the user verified on the phone$",
+        ),
+        ({"username": "someone-else"}, InvalidInput, r"^userId and username name different users$"),
     ],
 )
 async def test_bad_requests_write_nothing(

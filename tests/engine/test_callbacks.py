@@ -4,6 +4,7 @@ failing endpoint holding up nobody else. A real HTTP server plays the relying pa
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import AsyncIterator, Callable
 from uuid import UUID
 
@@ -18,6 +19,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from engine.callbacks import check_callback_url
+from engine.errors import InvalidInput
 from engine.model import FailureReason, OperationKind, OperationRequest, Phase
 from engine.schema import outbox
 from engine.service import Engine
@@ -123,7 +126,9 @@ async def test_receiver_down_for_minutes_then_everything_arrives_in_order(
     engine_factory: EngineFactory, autojump_clock: trio.testing.MockClock
 ) -> None:
     receiver = Receiver()  # not listening yet: connections are refused
-    settings = CallbackSettings(first_retry_seconds=1, max_retry_seconds=60)
+    settings = CallbackSettings(
+        first_retry_seconds=1, max_retry_seconds=60, allow_private_networks=True
+    )
     async with engine_factory(settings) as engine:
         with clock_stopped(autojump_clock):
             phone, user_id = await enrol(engine)
@@ -184,6 +189,96 @@ async def test_a_failing_endpoint_holds_up_no_one_else(
     assert (row.delivered_at, row.last_error) == (None, "HTTP 500")
 
 
+async def test_a_slow_receiver_holds_its_own_slots_only(engine_factory: EngineFactory) -> None:
+    """A receiver that never answers (a tarpit) does not delay another relying party's
+    callbacks: it holds its destination's slots, not everyone's."""
+    slow, fast = Receiver(), Receiver()
+    slow.delay = lambda path: math.inf
+    settings = CallbackSettings(
+        concurrency=4, per_destination=2, timeout_seconds=60, allow_private_networks=True
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(slow.serve)
+        await nursery.start(fast.serve)
+        async with engine_factory(settings) as engine:
+            _, user_id = await enrol(engine)
+            for _ in range(8):
+                await engine.supervisor.cancel(await start(engine, user_id, slow.url()))
+            await engine.supervisor.cancel(await start(engine, user_id, fast.url()))
+            # Before each destination had slots of its own, this waited for the tarpit.
+            with trio.fail_after(20):
+                await until(fast, 1)
+            assert len(slow.received) == 2  # its two slots, both still waiting for answers
+        nursery.cancel_scope.cancel()
+
+
+async def test_callbacks_to_private_addresses_are_refused_unless_allowed(
+    engine_factory: EngineFactory, receiver: Receiver, autojump_clock: trio.testing.MockClock
+) -> None:
+    settings = CallbackSettings(first_retry_seconds=1, max_retry_seconds=1, give_up_seconds=5)
+    async with engine_factory(settings) as engine:
+        with clock_stopped(autojump_clock):
+            _, user_id = await enrol(engine)
+            await engine.supervisor.cancel(await start(engine, user_id, receiver.url()))
+        await eventually(lambda: engine.callbacks.statistics().given_up == 1)
+        (row,) = outbox_rows(engine)
+        assert row.last_error == "destination address not allowed"
+    assert receiver.received == []
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://bank.example/own", True),
+        ("https://hooks.example/tapsign/", True),
+        ("https://hooks.example/tapsign/payments?x=1", True),
+        ("https://HOOKS.example:443/tapsign/x", True),
+        ("https://hooks.example/other", False),
+        ("http://hooks.example/tapsign/x", False),
+        ("https://hooks.example:8443/tapsign/x", False),
+        ("https://hooks.example.evil.test/tapsign/x", False),
+        ("https://attacker.test/", False),
+    ],
+)
+def test_callback_urls_are_the_keys_own_or_allowed(url: str, allowed: bool) -> None:
+    settings = CallbackSettings(allowed_urls=["https://hooks.example/tapsign/"])
+    if allowed:
+        assert check_callback_url(url, own="https://bank.example/own", settings=settings) == url
+    else:
+        with pytest.raises(InvalidInput, match=r"^the callback URL must be the access key's own"):
+            check_callback_url(url, own="https://bank.example/own", settings=settings)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/",
+        "http://10.1.2.3/",
+        "http://192.168.0.1/",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[fe80::1]/",
+        "http://0.0.0.0/",
+        "http://localhost/",
+        "http://api.localhost/",
+    ],
+)
+def test_private_destinations_are_refused_unless_allowed(url: str) -> None:
+    settings = CallbackSettings(allowed_urls=[url])
+    with pytest.raises(InvalidInput, match=r"^callbacks to loopback, link-local and private"):
+        check_callback_url(url, own=None, settings=settings)
+    allowing = msgspec.structs.replace(settings, allow_private_networks=True)
+    assert check_callback_url(url, own=None, settings=allowing) == url
+
+
+@pytest.mark.parametrize("url", ["http://[0]/", "http://a:99999/", "http://[::1/"])
+def test_malformed_callback_urls_are_invalid_input(url: str) -> None:
+    settings = CallbackSettings(allowed_urls=["http://a/"], allow_private_networks=True)
+    with pytest.raises(InvalidInput, match=r"^the callback URL is an http\(s\) URL$"):
+        check_callback_url(url, own=None, settings=settings)
+
+
 async def test_a_url_that_cannot_be_sent_to_fails_its_callback_only(
     engine: Engine, receiver: Receiver, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -206,7 +301,12 @@ async def test_deliveries_are_given_up_after_the_limit(
     engine_factory: EngineFactory, receiver: Receiver, autojump_clock: trio.testing.MockClock
 ) -> None:
     receiver.status = lambda path: 503
-    settings = CallbackSettings(first_retry_seconds=1, max_retry_seconds=10, give_up_seconds=60)
+    settings = CallbackSettings(
+        first_retry_seconds=1,
+        max_retry_seconds=10,
+        give_up_seconds=60,
+        allow_private_networks=True,
+    )
     async with engine_factory(settings) as engine:
         with clock_stopped(autojump_clock):
             _, user_id = await enrol(engine)
@@ -226,7 +326,9 @@ async def test_undelivered_callbacks_survive_a_restart(
     engine_factory: EngineFactory, receiver: Receiver
 ) -> None:
     receiver.status = lambda path: 500
-    async with engine_factory(CallbackSettings(first_retry_seconds=3600)) as first:
+    async with engine_factory(
+        CallbackSettings(first_retry_seconds=3600, allow_private_networks=True)
+    ) as first:
         _, user_id = await enrol(first)
         operation_id = await start(first, user_id, receiver.url())
         await first.supervisor.cancel(operation_id)

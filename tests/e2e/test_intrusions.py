@@ -1,0 +1,320 @@
+"""The defects an attack from outside found (a hostile relying-party front end, a hostile
+phone, a careless operator), each a test against a real server that failed before its fix.
+
+The numbers in the test names are those of the attack catalogue in
+docs/discussion/reliability.md ("Attacks from outside") and of the threat model
+(docs/discussion/threat-model.md); races between processes are in tests/e2e/test_races.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from typing import BinaryIO
+from urllib.parse import urlsplit
+from uuid import UUID
+
+import httpx
+import jwt
+import msgspec
+import pytest
+
+from api.wire import Introspection
+from engine.model import UserVerification
+from sdk.client import ApiError, Client
+from sdk.device import Device
+from tests.e2e.serving import Server
+from tests.e2e.test_attacks import SHOP
+from tests.e2e.test_flows import enrolled, new_username
+from tests.e2e.test_refusals import saturated
+
+INVALID_INPUT = "https://tapsign.dev/problems/invalid-input"
+FORBIDDEN = "https://tapsign.dev/problems/forbidden"
+NOT_FOUND = "https://tapsign.dev/problems/transaction-not-found"
+
+
+def problem(raised: pytest.ExceptionInfo[ApiError]) -> tuple[int, str | None, str | None]:
+    """``(status, problem type, detail)`` of a refusal."""
+    detail = raised.value.problem.detail if raised.value.problem is not None else None
+    return raised.value.status, raised.value.problem_type, detail
+
+
+def test_1_an_enrol_intent_cannot_be_turned_onto_another_user(
+    server: Server, client: Client, phones: Callable[[], Device]
+) -> None:
+    victim_phone, attacker_phone = phones(), phones()
+    victim = client.find_user(enrolled(client, victim_phone))
+    attacker = new_username()
+    intent = client.intent("enroll", username=attacker).token
+    for victim_named in (
+        {"username": attacker, "user_id": victim.user_id},
+        {"user_id": victim.user_id},
+    ):
+        with Client(server.url, intent) as front_end, pytest.raises(ApiError) as raised:
+            front_end.enroll(**victim_named)
+        assert problem(raised) == (403, FORBIDDEN, "this intent token is for another user")
+    assert len(client.get_user(victim.user_id).authenticators) == 1
+    # The intent was not spent on the refusals: its own user enrols with it.
+    with Client(server.url, intent) as front_end:
+        started = front_end.enroll(username=attacker)
+    assert attacker_phone.enroll(started.enrollment.app_link_uri).status == "succeeded"
+    assert started.user_id != victim.user_id
+
+
+def test_1_an_approve_intent_cannot_start_an_approval_for_another_user(
+    server: Server, client: Client, phones: Callable[[], Device]
+) -> None:
+    victim_phone, attacker_phone = phones(), phones()
+    victim = client.find_user(enrolled(client, victim_phone))
+    attacker = client.find_user(enrolled(client, attacker_phone))
+    for intent_for in ({"username": attacker.username}, {"user_id": attacker.user_id}):
+        intent = client.intent("approve", **intent_for).token
+        with Client(server.url, intent) as front_end, pytest.raises(ApiError) as raised:
+            front_end.approve(username=attacker.username, user_id=victim.user_id)
+        assert problem(raised) == (403, FORBIDDEN, "this intent token is for another user")
+    assert victim_phone.pending() == []
+
+
+def test_1_disagreeing_user_identifiers_are_refused_and_neither_is_named(
+    client: Client, phones: Callable[[], Device]
+) -> None:
+    alice = client.find_user(enrolled(client, phones()))
+    bob = client.find_user(enrolled(client, phones()))
+    with pytest.raises(ApiError) as raised:
+        client.approve(username=alice.username, user_id=bob.user_id)
+    assert problem(raised) == (422, INVALID_INPUT, "userId and username name different users")
+    with pytest.raises(ApiError) as raised:
+        client.approve()
+    assert problem(raised) == (422, INVALID_INPUT, "give the user by userId or by username")
+    # Both, agreeing: accepted.
+    started = client.approve(username=alice.username, user_id=alice.user_id)
+    assert started.user_id == alice.user_id
+
+
+def test_12_a_phone_learns_nothing_of_other_users_transactions(
+    server: Server, client: Client, phones: Callable[[], Device]
+) -> None:
+    alice_phone, mallory_phone = phones(), phones()
+    alice = enrolled(client, alice_phone)
+    enrolled(client, mallory_phone)
+    pending = client.approve(username=alice)
+    ended = client.approve(username=alice)
+    client.cancel(ended.transaction_id)
+    operation = alice_phone.pending()[0]
+    refusals = set()
+    for transaction in (UUID(int=7), pending.transaction_id, ended.transaction_id):
+        with pytest.raises(ApiError) as raised:
+            mallory_phone.approve(msgspec.structs.replace(operation, id=transaction))
+        refusals.add(problem(raised))
+    assert refusals == {(404, NOT_FOUND, "no such transaction for this authenticator")}
+    assert client.status(pending.status_token).status == "pending"
+
+
+def _late_body_exchange(url: str, head: str, body: bytes) -> tuple[int, str]:
+    """On one connection: ``head`` at once and ``body`` 0.3 s later (a refusal can then leave
+    before the body has arrived), then ``GET /healthz``. The first answer's status, and what
+    became of the second request: ``answered`` or ``closed``; never no answer at all."""
+    split = urlsplit(url)
+    with socket.create_connection((split.hostname, split.port), timeout=8) as connection:
+        reader = connection.makefile("rb")
+        connection.sendall(f"{head}\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        time.sleep(0.3)
+        with contextlib.suppress(OSError):  # a server may close before taking the body
+            connection.sendall(body)
+        status = _read_response(reader)
+        try:
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            second = _read_response(reader)
+        except TimeoutError:  # before OSError, of which it is one
+            return status, "no answer"
+        except (OSError, EOFError):
+            return status, "closed"
+        return status, "answered" if second == 200 else f"answered {second}"
+
+
+def _read_response(reader: BinaryIO) -> int:
+    """Read one HTTP/1.1 response with a Content-Length body; its status."""
+    line = reader.readline()
+    if not line:
+        raise EOFError
+    status = int(line.split()[1])
+    length = 0
+    while (header := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = header.decode("latin-1").partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    reader.read(length)
+    return status
+
+
+@pytest.mark.parametrize(
+    ("head", "content_type", "body", "status"),
+    [
+        ("PUT /api/v1/status HTTP/1.1", "application/json", b'{"statusToken":"x"}', 405),
+        (
+            f"GET /device/v1/operations/{UUID(int=1)}/answer HTTP/1.1",
+            "application/json",
+            b"{}",
+            405,
+        ),
+        ("POST /nowhere HTTP/1.1", "application/json", b"{}", 404),
+        ("POST /api/v1/status HTTP/1.1", "application/json", b"x" * 70_000, 413),
+        ("POST /api/v1/status HTTP/1.1", "text/plain", b"{}", 415),
+        ("POST /api/v1/approval HTTP/1.1", "application/json", b"{}", 401),
+        (
+            f"POST /device/v1/operations/{UUID(int=1)}/answer HTTP/1.1",
+            "application/json",
+            b"{}",
+            401,
+        ),
+    ],
+)
+def test_10_after_an_early_refusal_the_connection_is_usable_or_closed(
+    server: Server, head: str, content_type: str, body: bytes, status: int
+) -> None:
+    outcome = _late_body_exchange(server.url, f"{head}\r\nContent-Type: {content_type}", body)
+    assert outcome[0] == status
+    assert outcome[1] in ("answered", "closed")
+
+
+def test_10_after_a_429_or_a_503_the_connection_is_usable_or_closed(
+    limited: Server, saturable: Server
+) -> None:
+    answer = f"/device/v1/operations/{UUID(int=1)}/answer"
+    while httpx.post(limited.url + answer, json={}).status_code != 429:
+        pass  # the address's burst, spent
+    head = f"POST {answer} HTTP/1.1\r\nContent-Type: application/json"
+    assert _late_body_exchange(limited.url, head, b"{}") == (429, "answered")
+    with saturated(saturable):
+        head = (
+            "POST /api/v1/approval HTTP/1.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {saturable.access_key}"
+        )
+        assert _late_body_exchange(saturable.url, head, b'{"username":"u1"}') == (503, "answered")
+
+
+def test_7_a_transaction_has_one_result_token(
+    client: Client, phone: Device, server: Server
+) -> None:
+    username = enrolled(client, phone)
+    started = client.approve(username=username)
+    phone.approve(phone.pending()[0])
+    tokens = {client.status(started.status_token).token for _ in range(3)}
+    tokens.add(client.transaction(started.transaction_id).token)
+    (token,) = tokens
+    assert token is not None
+    assert client.introspect(token).active
+    assert client.introspect(token) == Introspection(active=False)
+    assert client.status(started.status_token).token == token  # consumed, not replaced
+    # The status token outlives its transaction by minutes, not an hour.
+    claims = jwt.decode(started.status_token, options={"verify_signature": False})
+    assert claims["exp"] - int(started.expires_at.timestamp()) == 300
+
+
+def test_6_payments_and_consents_always_need_the_user_verified(
+    server: Server, client: Client, phone: Device
+) -> None:
+    username = enrolled(client, phone)
+    with pytest.raises(ApiError) as payment:
+        client.approve(
+            username=username,
+            require_user_verification=False,
+            amount="10.00",
+            currency="EUR",
+            payee=SHOP,
+        )
+    with pytest.raises(ApiError) as consent:
+        client.sign("I agree", username=username, require_user_verification=False)
+    assert {problem(payment), problem(consent)} == {
+        (
+            422,
+            INVALID_INPUT,
+            "an authorisation or a signature always needs the user verified on the phone",
+        )
+    }
+    # An authentication may be possession-only only with an access key allowed it.
+    with pytest.raises(ApiError) as raised:
+        client.approve(username=username, require_user_verification=False)
+    assert problem(raised) == (
+        422,
+        INVALID_INPUT,
+        "this access key may not start authentications without user verification",
+    )
+    # By default every operation needs the user verified: possession alone fails.
+    started = client.sign("I agree", username=username)
+    result = phone.approve(phone.pending()[0], user_verification=UserVerification.NONE)
+    assert result.status == "failed"
+    assert client.wait_for_result(started.status_token).reason == "user-verification-missing"
+    possession_only = json.loads(
+        server.tapsign("keys", "create", "--possession-only", "--json").stdout
+    )["accessKey"]
+    with Client(server.url, possession_only) as allowed:
+        started = allowed.approve(username=username, require_user_verification=False)
+        assert phone.approve(
+            phone.pending()[0], user_verification=UserVerification.NONE
+        ).status == ("succeeded")
+        assert allowed.wait_for_result(started.status_token).status == "succeeded"
+
+
+def test_5_an_intent_binds_what_only_the_backend_may_choose(
+    server: Server, client: Client, phone: Device
+) -> None:
+    username = enrolled(client, phone)
+    response = httpx.post(
+        f"{server.url}/api/v1/intent",
+        json={
+            "operation": "approve",
+            "username": username,
+            "amount": "25.00",
+            "currency": "EUR",
+            "payee": {"name": "Shop", "account": "DE89370400440532013000"},
+            "message": "Pay the shop",
+        },
+        headers={"Authorization": f"Bearer {server.access_key}"},
+    )
+    assert response.status_code == 200, response.text
+    intent = response.json()["token"]
+    with Client(server.url, intent) as front_end:
+        for chosen in (
+            {"callback_url": "http://169.254.169.254/latest/meta-data"},
+            {"require_user_verification": False},
+            {"amount": "2500.00", "currency": "EUR", "payee": SHOP},
+            {"post_operation_context": "a card PIN"},
+            {"message": "something else"},
+        ):
+            with pytest.raises(ApiError) as raised:
+                front_end.approve(username=username, **chosen)
+            status, _, detail = problem(raised)
+            assert status == 403
+            assert (detail or "").endswith(
+                "is the backend's: it is bound when the intent is issued"
+            )
+        started = front_end.approve(username=username, channel="app")
+    (operation,) = phone.pending()
+    assert operation.id == started.transaction_id
+    assert operation.payment is not None
+    assert (operation.payment.amount, operation.payment.payee.name, operation.message) == (
+        "25.00",
+        "Shop",
+        "Pay the shop",
+    )
+    assert operation.require_user_verification
+
+
+def test_5_callbacks_go_only_where_the_operator_allows(server: Server, client: Client) -> None:
+    username = new_username()
+    for url in (
+        "http://169.254.169.254/latest/meta-data",
+        "http://127.0.0.1:5432/",
+        "https://attacker.example/hook",
+    ):
+        with pytest.raises(ApiError) as raised:
+            client.enroll(username=username, callback_url=url)
+        assert (raised.value.status, raised.value.problem_type) == (422, INVALID_INPUT)
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        server.tapsign("keys", "create", "--callback-url", "http://10.0.0.1/hook")
+    assert "private addresses are not allowed" in failed.value.stderr
