@@ -170,8 +170,11 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
             database = str(exc)
             problems.append(f"database: {exc}")
         try:
-            kid = engine.keyring.active(KeyPurpose.TOKEN).kid
-            await trio.to_thread.run_sync(engine.keyring.sign, kid, b"readiness")
+            await trio.to_thread.run_sync(
+                engine.keyring.with_active,
+                KeyPurpose.TOKEN,
+                lambda key: engine.keyring.sign(key.kid, b"readiness"),
+            )
             hsm = "ok"
         except TapsignError as exc:
             hsm = str(exc)

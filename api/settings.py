@@ -92,6 +92,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             callbacks=self.callbacks,
             attestation=self.attestation,
             peers_dir=self.server.peers_dir,
+            key_refresh_seconds=self.hsm.refresh_seconds,
         )
 
 

@@ -32,7 +32,6 @@ the JWKS; docs/reference/callbacks.md)::
 from __future__ import annotations
 
 import contextlib
-import functools
 import ipaddress
 import logging
 from collections import deque
@@ -213,9 +212,11 @@ class CallbackDeliverer:
     async def _post(self, item: OutboxItem) -> str | None:
         """One attempt; None if the relying party took it (2xx), else why not."""
         timestamp = str(int(self._clock().timestamp()))
-        kid = self._keyring.active(KeyPurpose.CALLBACK).kid
-        signature = await trio.to_thread.run_sync(
-            functools.partial(self._keyring.sign, kid, timestamp.encode() + b"." + item.body)
+        signed = timestamp.encode() + b"." + item.body
+        kid, signature = await trio.to_thread.run_sync(
+            self._keyring.with_active,
+            KeyPurpose.CALLBACK,
+            lambda key: (key.kid, self._keyring.sign(key.kid, signed)),
         )
         headers = {
             "Content-Type": "application/json",

@@ -10,6 +10,7 @@ announce changed operations (engine/peers.py). The API holds an ``Engine`` and t
 
 from __future__ import annotations
 
+import logging
 from uuid import UUID
 
 import httpx
@@ -26,9 +27,12 @@ from engine.model import Clock, User, utc_now
 from engine.peers import Peers
 from engine.settings import EngineSettings
 from engine.store import Store
+from hsm.errors import HsmError
 from hsm.keyring import KeyPurpose, Keyring
 from hsm.tokens import TokenSigner
 from hsm.verifier import BatchVerifier
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -77,9 +81,21 @@ class Engine:
                 await nursery.start(self.callbacks.run)
                 await nursery.start(self.supervisor.run)
                 await nursery.start(self.peers.run, self.supervisor.changed_elsewhere)
+                nursery.start_soon(self._refresh_keys)
                 task_status.started()
         finally:
             self.store.close()
+
+    async def _refresh_keys(self) -> None:
+        """Read the HSM's key list every few seconds: a key rotated or retired by another
+        process (``tapsign hsm rotate``, ``retire``, another worker) is signed with, or no
+        longer published and accepted, without a restart."""
+        while True:
+            await trio.sleep(self.settings.key_refresh_seconds)
+            try:
+                await trio.to_thread.run_sync(self.keyring.refresh)
+            except HsmError as exc:
+                log.warning("cannot read the HSM's key list, keeping the last one: %s", exc)
 
     async def deactivate_user(self, user_id: UUID, *, actor: str) -> User:
         """Deactivate the user and every device (final), and cancel what was pending."""

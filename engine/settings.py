@@ -92,3 +92,5 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: Where the processes serving this database on this host find each other
     #: (engine/peers.py); None: this process alone.
     peers_dir: str | None = None
+    #: Seconds between two readings of the HSM's key list (``[hsm] refresh_seconds``).
+    key_refresh_seconds: float = 2.0

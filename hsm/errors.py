@@ -39,9 +39,10 @@ class HsmPermanentError(HsmError):
 
 
 class KeyNotFound(HsmPermanentError):
-    """No usable key with the requested purpose or key id."""
+    """No usable key with the requested purpose or key id. A server missing a key it signs
+    with cannot serve (503); the caller did nothing wrong."""
 
-    status = 404
+    status = 503
     problem = "key-not-found"
     title = "Key not found"
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
@@ -32,6 +33,7 @@ from hsm.pkcs11_token import Pkcs11Token
 from hsm.settings import HsmSettings
 
 KID_TIME_FORMAT = "%Y%m%dT%H%M%S%f"
+T = TypeVar("T")
 NONCE_LENGTH = 12
 
 
@@ -94,7 +96,9 @@ class Keyring:
         return self._store
 
     def refresh(self) -> None:
-        """Read the key list from the store again (after another process rotated)."""
+        """Read the key list from the store again: a running server does so every few
+        seconds, so that a rotation or retirement by another process (``tapsign hsm rotate``,
+        ``retire``) is taken up without a restart (engine/service.py)."""
         known = {purpose.value: purpose for purpose in KeyPurpose}
         loaded = sorted(
             (
@@ -150,7 +154,13 @@ class Keyring:
             kid = new_kid(created)
             self._store.generate(purpose=purpose.value, kid=kid, kind=purpose.kind)
             self.refresh()
-        return self.active(purpose)
+            active = self.active(purpose)
+        if active.kid != kid:
+            raise KeyringError(
+                f"the new {purpose.value} key {kid} is not on the token after its generation; "
+                f"{active.kid} stays active"
+            )
+        return active
 
     def retire(self, kid: str) -> KeyInfo:
         """Destroy a key that is no longer active. The active key cannot be retired."""
@@ -169,6 +179,17 @@ class Keyring:
         key = self.key(kid)
         return self._store.sign_digest(kid=key.kid, digest=hashlib.sha256(message).digest())
 
+    def with_active(self, purpose: KeyPurpose, use: Callable[[KeyInfo], T]) -> T:
+        """``use(the active key of purpose)``. Should that key be gone from the token
+        (another process rotated, then retired it, since this keyring last read the list),
+        the list is read again and ``use`` gets the new active key: signing follows a
+        retirement at once, not at the next periodic refresh."""
+        try:
+            return use(self.active(purpose))
+        except KeyNotFound:
+            self.refresh()
+            return use(self.active(purpose))
+
     def encrypt(self, plaintext: bytes, *, aad: bytes) -> bytes:
         """AES-256-GCM with the active data key; ``aad`` binds the ciphertext to its context.
 
@@ -176,10 +197,13 @@ class Keyring:
         a rotation. Nonces are random (96 bits): NIST SP 800-38D §8.3 allows 2^32 messages
         per key; rotate the data key long before (``tapsign hsm rotate data-encryption``).
         """
-        kid = self.active(KeyPurpose.DATA).kid
         nonce = secrets.token_bytes(NONCE_LENGTH)
-        ciphertext = self._store.encrypt(kid=kid, nonce=nonce, plaintext=plaintext, aad=aad)
-        return kid.encode() + b"\x00" + nonce + ciphertext
+
+        def encrypt(key: KeyInfo) -> bytes:
+            ciphertext = self._store.encrypt(kid=key.kid, nonce=nonce, plaintext=plaintext, aad=aad)
+            return key.kid.encode() + b"\x00" + nonce + ciphertext
+
+        return self.with_active(KeyPurpose.DATA, encrypt)
 
     def decrypt(self, blob: bytes, *, aad: bytes) -> bytes:
         """The plaintext of :meth:`encrypt`'s output, or :class:`DecryptionFailed`."""
@@ -220,6 +244,9 @@ def open_keyring(settings: HsmSettings, *, pin: str) -> Keyring:
                 pin=pin,
                 max_sessions=settings.max_sessions,
                 softhsm2_conf=settings.softhsm2_conf,
-            )
+            ),
+            lock=None
+            if settings.softhsm2_conf is None
+            else Path(settings.softhsm2_conf).with_name("keyring.lock"),
         )
     return Keyring(store)

@@ -9,6 +9,8 @@ such as post-operation contexts). Which key is active, rotation and the JWKS are
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import threading
@@ -90,12 +92,34 @@ def label_of(purpose: str, kid: str) -> str:
 
 
 class Pkcs11KeyStore:
-    """Keys generated on a PKCS#11 token, never extractable."""
+    """Keys generated on a PKCS#11 token, never extractable.
+
+    ``lock`` is a file through which the processes of this host (the server's workers, and
+    ``tapsign hsm rotate`` or ``retire``) take turns at the token's key list: generating or
+    destroying a key holds it exclusively, listing the keys shares it. SoftHSM2 2.6 needs
+    it: a process that lists the keys while another generates one can write its partial
+    copy of the new key back over it (the key loses its label and is never seen again), and
+    a key pair's public half is listed before its private half exists
+    (docs/how-to/hsm.md). A network HSM serialises this itself; the lock costs nothing.
+    """
 
     name = "pkcs11"
 
-    def __init__(self, token: Pkcs11Token) -> None:
+    def __init__(self, token: Pkcs11Token, *, lock: Path | None = None) -> None:
         self.token = token
+        self._lock = lock
+
+    @contextlib.contextmanager
+    def _key_list(self, *, changing: bool) -> Iterator[None]:
+        if self._lock is None:
+            yield
+            return
+        descriptor = os.open(self._lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX if changing else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(descriptor)
 
     def generate(self, *, purpose: str, kid: str, kind: KeyKind) -> None:
         def generate(pooled: PooledSession) -> None:
@@ -123,7 +147,8 @@ class Pkcs11KeyStore:
             )
 
         # Not retried: a retry after a lost session could leave two keys with one kid.
-        self.token.run(generate, retry=False)
+        with self._key_list(changing=True):
+            self.token.run(generate, retry=False)
 
     def load(self) -> list[StoredKey]:
         def load(pooled: PooledSession) -> list[tuple[str, str, bytes | None]]:
@@ -139,9 +164,11 @@ class Pkcs11KeyStore:
                         found.append((purpose, kid, _point_of(stored) if public else None))
             return found
 
+        with self._key_list(changing=False):
+            listed = self.token.run(load)
         return [
             (purpose, kid, None if point is None else ecdsa.load_public_key(point))
-            for purpose, kid, point in self.token.run(load)
+            for purpose, kid, point in listed
         ]
 
     def destroy(self, *, purpose: str, kid: str) -> None:
@@ -156,7 +183,8 @@ class Pkcs11KeyStore:
                 ):
                     found.destroy()
 
-        self.token.run(destroy)
+        with self._key_list(changing=True):
+            self.token.run(destroy)
         self.token.forget_keys()
 
     def sign_digest(self, *, kid: str, digest: bytes) -> bytes:

@@ -50,6 +50,9 @@ class HsmSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_sessions: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     #: Software backend only: directory of the encrypted private keys.
     software_key_dir: str = "var/software-keys"
+    #: A running server reads the key list again this often, taking up rotations and
+    #: retirements made by ``tapsign hsm`` without a restart.
+    refresh_seconds: Annotated[float, msgspec.Meta(ge=0.5, le=300)] = 2.0
 
 
 class VerifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

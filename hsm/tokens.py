@@ -21,7 +21,7 @@ import jwt
 from jwt.algorithms import ECAlgorithm
 
 from hsm.errors import InvalidToken, KeyNotFound
-from hsm.keyring import KeyPurpose, Keyring
+from hsm.keyring import KeyInfo, KeyPurpose, Keyring
 
 ALGORITHM = "ES256"
 
@@ -67,14 +67,17 @@ class TokenSigner:
 
     def encode(self, claims: Mapping[str, Any], *, token_type: str = "JWT") -> str:  # noqa: S107
         """A compact JWS of ``claims`` (plus ``iss``) signed with the purpose's active key."""
-        kid = self.keyring.active(self.purpose).kid
         payload = json.dumps({"iss": self.issuer, **claims}, separators=(",", ":")).encode()
-        return _signing_jws.encode(
-            payload,
-            _KeyringKey(self.keyring, kid),  # type: ignore[arg-type] # _KeyringES256 takes it
-            algorithm=ALGORITHM,
-            headers={"kid": kid, "typ": token_type},
-        )
+
+        def encode(key: KeyInfo) -> str:
+            return _signing_jws.encode(
+                payload,
+                _KeyringKey(self.keyring, key.kid),  # type: ignore[arg-type] # see _KeyringES256
+                algorithm=ALGORITHM,
+                headers={"kid": key.kid, "typ": token_type},
+            )
+
+        return self.keyring.with_active(self.purpose, encode)
 
     def decode(
         self,

@@ -14,6 +14,8 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -27,7 +29,7 @@ from api.wire import Introspection
 from engine.model import UserVerification
 from sdk.client import ApiError, Client
 from sdk.device import Device
-from tests.e2e.serving import Server
+from tests.e2e.serving import Server, serving
 from tests.e2e.test_attacks import SHOP
 from tests.e2e.test_flows import enrolled, new_username
 from tests.e2e.test_refusals import saturated
@@ -318,3 +320,54 @@ def test_5_callbacks_go_only_where_the_operator_allows(server: Server, client: C
     with pytest.raises(subprocess.CalledProcessError) as failed:
         server.tapsign("keys", "create", "--callback-url", "http://10.0.0.1/hook")
     assert "private addresses are not allowed" in failed.value.stderr
+
+
+def _kid(token: str) -> str:
+    return str(jwt.get_unverified_header(token)["kid"])
+
+
+def _every_process(check: Callable[[], bool], *, seconds: float = 30) -> None:
+    """Wait until ``check``, made on a fresh connection each time (so that the calls land
+    on every worker process), holds 12 times in a row."""
+    deadline = time.monotonic() + seconds
+    streak = 0
+    while streak < 12:
+        assert time.monotonic() < deadline, "not every process took the change up in time"
+        streak = streak + 1 if check() else 0
+        if not streak:
+            time.sleep(0.2)
+
+
+def test_4_a_rotation_and_a_retirement_reach_every_process_of_a_running_server(
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path / "server", workers=2) as server:
+        with Client(server.url, server.access_key) as client, closing(Device(server.url)) as phone:
+            username = enrolled(client, phone)
+            before = client.approve(username=username)
+            old = _kid(before.status_token)
+        rotated = server.tapsign("hsm", "rotate", "token-signing").stdout
+        new = rotated.split(": ", 1)[1].split()[0]
+        assert new != old
+
+        def signs_with_the_new_key() -> bool:
+            with Client(server.url, server.access_key) as fresh:
+                return _kid(fresh.approve(username=username).status_token) == new
+
+        _every_process(signs_with_the_new_key)
+        server.tapsign("hsm", "retire", old)
+
+        def forgot_the_retired_key() -> bool:
+            jwks = httpx.get(f"{server.url}/.well-known/jwks.json").json()
+            status = httpx.post(
+                f"{server.url}/api/v1/status", json={"statusToken": before.status_token}
+            )
+            ready = httpx.get(f"{server.url}/readyz")
+            return (
+                old not in {key["kid"] for key in jwks["keys"]}
+                and status.status_code == 401
+                and ready.status_code == 200
+            )
+
+        _every_process(forgot_the_retired_key)
+        _every_process(signs_with_the_new_key)

@@ -6,6 +6,7 @@ import logging
 import stat
 from pathlib import Path
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,6 +24,7 @@ from hsm.keyring import KeyPurpose, Keyring, open_keyring
 from hsm.keystores import Pkcs11KeyStore, SoftwareKeyStore
 from hsm.pkcs11_token import Pkcs11Token, PooledSession, _function_list, session_handle
 from hsm.settings import HsmSettings
+from hsm.tokens import TokenSigner
 from tests.conftest import USER_PIN, TokenFactory
 
 
@@ -293,3 +295,22 @@ def test_data_encryption_in_the_hsm(keyring: Keyring) -> None:
     keyring.retire(data_key.kid)
     with pytest.raises(KeyNotFound, match=r"^no key with that kid$"):
         keyring.decrypt(sealed, aad=b"operation-1")
+
+
+def test_signing_follows_a_rotation_and_retirement_made_by_another_keyring(
+    token: Pkcs11Token, tmp_path: Path
+) -> None:
+    """Another process (here another keyring on the token) rotates and retires: this one
+    signs with the retired key until it finds the key gone, then reads the list again."""
+    lock = tmp_path / "keyring.lock"
+    ours = Keyring(Pkcs11KeyStore(token, lock=lock))
+    ours.ensure()
+    theirs = Keyring(Pkcs11KeyStore(token, lock=lock))
+    old = ours.active(KeyPurpose.TOKEN).kid
+    new = theirs.rotate(KeyPurpose.TOKEN).kid
+    theirs.retire(old)
+    assert ours.active(KeyPurpose.TOKEN).kid == old  # not read again yet
+    signed = TokenSigner(ours, KeyPurpose.TOKEN, issuer="https://tapsign.test").encode({})
+    assert jwt.get_unverified_header(signed)["kid"] == new
+    assert [key.kid for key in ours.published(KeyPurpose.TOKEN)] == [new]
+    assert lock.exists()
