@@ -837,6 +837,8 @@ def consume_token(connection: Connection, jti: str, *, now: datetime, expires_at
     result = connection.execute(
         insert(consumed_tokens)
         .values(jti=jti, consumed_at=now, expires_at=expires_at)
-        .on_conflict_do_nothing(index_elements=["jti"])
+        .on_conflict_do_nothing(index_elements=["jti"]),
+        # SQLAlchemy reports the row count of an INSERT only when asked (PostgreSQL: -1).
+        execution_options={"preserve_rowcount": True},
     )
     return result.rowcount == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import trio
@@ -152,3 +152,27 @@ def test_sqlite_writers_of_all_processes_take_turns_on_the_lock_file(tmp_path: P
     assert audit.verify_chain(entries, head_seq=head_seq, head_hash=head_hash) == []
     store.close()
     other.close()
+
+
+async def test_a_one_time_token_is_consumed_once_in_grouped_writes(store: Store) -> None:
+    """On PostgreSQL an INSERT's row count is -1 unless asked for: every token then looked
+    used already (intent tokens refused, result tokens inactive)."""
+    now = datetime.now(UTC)
+    expires_at = now + timedelta(minutes=2)
+
+    def consume(connection: Connection) -> bool:
+        return db.consume_token(connection, "a-jti", now=now, expires_at=expires_at)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        taken: list[bool] = []
+
+        async def take() -> None:
+            taken.append(await store.write(consume))
+
+        async with trio.open_nursery() as racing:
+            racing.start_soon(take)
+            racing.start_soon(take)
+        nursery.cancel_scope.cancel()
+    assert sorted(taken) == [False, True]
+    assert await store.write(consume) is False
