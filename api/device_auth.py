@@ -15,9 +15,10 @@ joined by ``\\n``, and sends ``Tapsign-Authenticator`` (its id), ``Tapsign-Times
 accepts a timestamp within ``WINDOW`` of its clock and each nonce once in that window, so a
 captured request cannot be replayed (docs/reference/device-protocol.md).
 
-Nonces are remembered per process. A replay to another tapsign process within the window
-could fetch the phone's pending operations (read-only); an answer cannot be replayed
-anywhere, because its challenge is accepted once.
+Nonces are remembered in the database (the table of consumed one-time tokens, keyed by a
+digest of the device and the nonce, kept for twice the window), so every process and every
+host on the database refuses a nonce once it has been used: a captured fetch replayed to
+another process shows nothing, and an answer's challenge is accepted once anyway.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import hashlib
 import re
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Protocol
 from uuid import UUID
 
 from api.recent import Recent
+from engine import store as db
 from engine.errors import NotFound, Unauthorized
 from engine.model import Clock, Device, DeviceStatus
 from engine.service import Engine
@@ -83,7 +85,6 @@ class DeviceRequests:
     def __init__(self, engine: Engine, *, clock: Clock) -> None:
         self._engine = engine
         self._clock = clock
-        self._nonces: OrderedDict[str, float] = OrderedDict()
         #: Devices read in the last second (api/recent.py).
         self._recent: Recent[UUID, Device] = Recent(seconds=1.0, size=10_000)
 
@@ -101,14 +102,11 @@ class DeviceRequests:
             signature = base64.urlsafe_b64decode(headers[HEADER_SIGNATURE.lower()] + "==")
         except (KeyError, ValueError, binascii.Error) as exc:
             raise Unauthorized("missing or malformed device request headers") from exc
-        now = self._clock().timestamp()
-        if not timestamp.isdigit() or abs(int(timestamp) - now) > WINDOW:
+        now = self._clock()
+        if not timestamp.isdigit() or abs(int(timestamp) - now.timestamp()) > WINDOW:
             raise Unauthorized(f"device request timestamp outside ±{WINDOW:.0f} s")
         if not _NONCE.match(nonce):
             raise Unauthorized("malformed device request nonce")
-        self._forget_old(now)
-        if nonce in self._nonces:
-            raise Unauthorized("device request nonce used before (replay)")
         device = self._recent.get(device_id)
         if device is None:
             try:
@@ -127,18 +125,21 @@ class DeviceRequests:
             raise Unauthorized("the authenticator's stored key is unusable") from exc
         if not valid:
             raise Unauthorized(f"bad device request signature from {device_id}")
-        if nonce in self._nonces:  # a twin request verified meanwhile
+        # Recorded only once the signature holds: nobody spends another device's nonces.
+        key = _nonce_key(device_id, nonce)
+        expires_at = now + timedelta(seconds=2 * WINDOW)
+        if not await self._engine.store.write(
+            lambda connection: db.consume_token(connection, key, now=now, expires_at=expires_at)
+        ):
             raise Unauthorized("device request nonce used before (replay)")
-        self._nonces[nonce] = now + 2 * WINDOW
         return device
 
     def forget(self, device_id: UUID) -> None:
         """Read the device afresh next time: its state was changed through this process."""
         self._recent.forget(device_id)
 
-    def _forget_old(self, now: float) -> None:
-        while self._nonces:
-            nonce, expires = next(iter(self._nonces.items()))
-            if expires > now:
-                return
-            del self._nonces[nonce]
+
+def _nonce_key(device_id: UUID, nonce: str) -> str:
+    """The consumed-token key of a device request's nonce: a digest (43 characters, unlike
+    any ``jti``), so that a nonce chosen to equal some token's ``jti`` consumes nothing."""
+    return "n" + b64url(hashlib.sha256(device_id.bytes + nonce.encode()).digest())[:42]

@@ -1,5 +1,6 @@
-"""Two tapsign processes on one database, answering the same transactions at the same moment:
-exactly one answer of each transaction is taken, on SQLite and on PostgreSQL.
+"""Two tapsign processes on one database, taking the same requests at the same moment:
+exactly one answer of each transaction is taken, and a signed device request once, on SQLite
+and on PostgreSQL.
 
 Each test starts two ``tapsign serve`` processes in one directory (one database, one
 SoftHSM2 token, one peers directory) on two ports, so that every racing pair lands on both
@@ -20,6 +21,7 @@ import msgspec
 import pytest
 import sqlalchemy as sa
 
+from api.device_auth import sign_headers
 from engine.model import Decision
 from loadtests.run import free_port
 from sdk.client import Client
@@ -73,7 +75,7 @@ def _outcome(response: httpx.Response) -> str:
     document = response.json()
     if response.status_code >= 400:
         return f"{response.status_code} {document['type']}"
-    return f"{response.status_code} {document['status']}"
+    return f"{response.status_code} {document.get('status', 'ok')}"
 
 
 def _at_once(*calls: Callable[[], httpx.Response]) -> list[str]:
@@ -179,3 +181,40 @@ def _enrolment(phone: Device, link: str, token: str) -> Callable[[], httpx.Respo
         )
 
     return send
+
+
+def test_a_device_request_is_taken_once_by_every_process(
+    two_processes: tuple[Server, Server],
+) -> None:
+    """A signed device request, captured and replayed to the other process within its
+    minute, is refused there too (issue 11 item 8); so is one replayed to both at once."""
+    first, second = two_processes
+    with Client(first.url, first.access_key) as client, closing(Device(first.url)) as phone:
+        username = enrolled(client, phone)
+        assert phone.authenticator_id is not None
+        path = "/device/v1/operations"
+        for replayed in range(10):
+            client.approve(username=username)
+            headers = sign_headers(
+                authenticator_id=phone.authenticator_id,
+                signer=phone.authenticator,
+                method="GET",
+                path=path,
+                body=b"",
+            )
+            if replayed % 2:
+                taken = [
+                    httpx.get(server.url + path, headers=headers) for server in (first, second)
+                ]
+                outcomes = [response.status_code for response in taken]
+            else:
+                outcomes = sorted(
+                    int(outcome.split()[0])
+                    for outcome in _at_once(
+                        *(
+                            functools.partial(httpx.get, server.url + path, headers=headers)
+                            for server in (first, second)
+                        )
+                    )
+                )
+            assert outcomes == [200, 401], outcomes
