@@ -12,10 +12,15 @@ with the queue (docs/discussion/performance.md has the measurement).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
+from uuid import UUID
 
 from engine.errors import Overloaded
+
+K = TypeVar("K", bound=Hashable)
 
 
 class Admission:
@@ -45,3 +50,45 @@ class Admission:
             yield
         finally:
             self.active += 1
+
+
+class LongPolls:
+    """Bounds the status long-polls held at once: per transaction (its status token) and per
+    client address. A long-poll beyond either bound is not held: it is answered at once with
+    the current status, as if it had not asked to wait, so that nobody can park thousands of
+    requests on the server with one status token."""
+
+    def __init__(self, *, per_transaction: int, per_address: int) -> None:
+        self.per_transaction = per_transaction
+        self.per_address = per_address
+        self._transactions: Counter[UUID] = Counter()
+        self._addresses: Counter[str] = Counter()
+        self.waiting = 0
+        #: Long-polls answered at once because a bound was reached.
+        self.not_held = 0
+
+    @contextmanager
+    def hold(self, transaction: UUID, address: str) -> Iterator[bool]:
+        """Whether this long-poll may wait (True) or must be answered at once (False)."""
+        if (
+            self._transactions[transaction] >= self.per_transaction
+            or self._addresses[address] >= self.per_address
+        ):
+            self.not_held += 1
+            yield False
+            return
+        self._transactions[transaction] += 1
+        self._addresses[address] += 1
+        self.waiting += 1
+        try:
+            yield True
+        finally:
+            self.waiting -= 1
+            _release(self._transactions, transaction)
+            _release(self._addresses, address)
+
+
+def _release(counts: Counter[K], key: K) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]

@@ -7,6 +7,8 @@ unexpected as a generic 500 whose details go to the log, never to the caller.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import re
@@ -161,27 +163,26 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
         response=Health,
     )
     async def readyz(call: Call) -> Health:
-        """200 when the database answers and the HSM signs; 503 naming which does not."""
+        """200 when the database answers and the HSM signs; 503 naming which does not (what
+        went wrong is logged, not told)."""
         problems = []
         try:
             await engine.store.read(lambda connection: connection.execute(sa.text("select 1")))
-            database = "ok"
         except TapsignError as exc:
-            database = str(exc)
-            problems.append(f"database: {exc}")
+            log.warning("not ready: the database: %s", exc)
+            problems.append("database")
         try:
             await trio.to_thread.run_sync(
                 engine.keyring.with_active,
                 KeyPurpose.TOKEN,
                 lambda key: engine.keyring.sign(key.kid, b"readiness"),
             )
-            hsm = "ok"
         except TapsignError as exc:
-            hsm = str(exc)
-            problems.append(f"hsm: {exc}")
+            log.warning("not ready: the HSM: %s", exc)
+            problems.append("hsm")
         if problems:
-            raise ServiceUnavailable("; ".join(problems), retry_after=5.0)
-        return Health(status="ready", database=database, hsm=hsm)
+            raise ServiceUnavailable(f"not ready: {', '.join(problems)}", retry_after=5.0)
+        return Health(status="ready", database="ok", hsm="ok")
 
     @route(
         app,
@@ -195,7 +196,13 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
     )
     async def metrics(call: Call) -> Response:
         """Requests, verifier, operations, callbacks and database pool, in the text exposition
-        format."""
+        format. With a metrics token configured (``[server] metrics_token_file`` or
+        ``TAPSIGN_METRICS_TOKEN``), only for ``Authorization: Bearer <that token>``."""
+        if services.metrics_token is not None and not hmac.compare_digest(
+            hashlib.sha256(request.headers.get("Authorization", "").encode()).digest(),
+            hashlib.sha256(f"Bearer {services.metrics_token}".encode()).digest(),
+        ):
+            raise Unauthorized("no or a wrong metrics token")
         return Response(
             metrics_text(services),
             content_type="text/plain; version=0.0.4; charset=utf-8",

@@ -32,6 +32,20 @@ def metrics_text(services: Services) -> str:
             "",
         ),
         (
+            "tapsign_long_polls_waiting",
+            "gauge",
+            "Status long-polls being held",
+            services.long_polls.waiting,
+            "",
+        ),
+        (
+            "tapsign_long_polls_not_held_total",
+            "counter",
+            "Status long-polls answered at once: too many held for the transaction or address",
+            services.long_polls.not_held,
+            "",
+        ),
+        (
             "tapsign_device_requests_limited_total",
             "counter",
             "Device API requests refused with 429 by the rate limit",

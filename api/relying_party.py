@@ -18,7 +18,7 @@ from quart import Quart, request
 from api import wire
 from api.qr import qr_code
 from api.recent import Recent
-from api.routing import Auth, Call, Services, route
+from api.routing import Auth, Call, Services, record_refusal, route
 from engine.actors import check_request
 from engine.callbacks import check_callback_url
 from engine.errors import (
@@ -403,20 +403,23 @@ def register(app: Quart, services: Services) -> None:
     async def status(call: Call, body: wire.StatusQuery) -> wire.Status:
         """No access key: the status token is the credential, safe to hand to a front end.
         With ``wait`` (seconds, at most 30) the answer is held until the status changes,
-        so clients need not poll every 1.5 s. ``failed`` carries a ``reason``: declined,
-        bad-signature, user-verification-missing, attestation-failed, device-locked,
-        device-deactivated, user-inactive, cancelled or expired. On success, ``token`` is the
-        result token (consumable once through introspection) and, for signatures,
+        so clients need not poll every 1.5 s; a few such long-polls are held per transaction
+        and per client address (``[server] long_polls_per_*``), any more are answered at
+        once. ``failed`` carries a ``reason``: declined, bad-signature,
+        user-verification-missing, attestation-failed, device-locked, device-deactivated,
+        user-inactive, cancelled or expired. On success, ``token`` is the result token (the
+        same on every call; consumable once through introspection) and, for signatures,
         ``consent``."""
         claims = services.tokens.verify(body.status_token, TokenKind.STATUS)
         transaction = UUID(claims["sub"])
         try:
             operation = await supervisor.get(transaction)
             with (
+                services.long_polls.hold(transaction, request.remote_addr or "") as held,
                 trio.move_on_after(min(body.wait, LONG_POLL_LIMIT)),
                 services.admission.waiting(),
             ):
-                while operation.status == "pending" and body.wait > 0:
+                while operation.status == "pending" and body.wait > 0 and held:
                     await supervisor.wait(transaction, version=operation.version)
                     operation = await supervisor.get(transaction)
             operation = await supervisor.get(transaction)
@@ -548,7 +551,10 @@ def register(app: Quart, services: Services) -> None:
         if token.startswith("tsk_"):
             try:
                 key = await services.access_keys.verify(token)
-            except Exception:  # any failure means: not active, and say nothing else
+            except Unauthorized as exc:
+                # Not active, and nothing else said; but a guessed key is audited as a
+                # refusal like any other (RTS art. 4(3)(a)).
+                await record_refusal(services, exc, call.actor)
                 return inactive
             return wire.Introspection(
                 active=True,

@@ -22,7 +22,7 @@ from quart import Quart, Response, g, request
 from sqlalchemy.engine import Connection
 
 from api.access import AccessKeys
-from api.admission import Admission
+from api.admission import Admission, LongPolls
 from api.device_auth import DeviceRequests
 from api.ratelimit import RateLimit
 from api.tokens import Tokens
@@ -62,6 +62,9 @@ class Services:
     access_keys: AccessKeys
     devices: DeviceRequests
     admission: Admission
+    long_polls: LongPolls
+    #: The bearer token ``/metrics`` requires; None: it is open.
+    metrics_token: str | None
     #: The device API's rate limits (api/ratelimit.py).
     address_limit: RateLimit[str]
     device_limit: RateLimit[UUID]

@@ -15,12 +15,12 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
 from api.access import AccessKeys
-from api.admission import Admission
+from api.admission import Admission, LongPolls
 from api.app import ENGINE_FAILED, create_app
 from api.device_auth import DeviceRequests
 from api.ratelimit import RateLimit
 from api.routing import Services
-from api.settings import Settings
+from api.settings import Settings, read_metrics_token
 from api.tokens import Tokens
 from engine.errors import ConfigurationError
 from engine.model import utc_now
@@ -80,6 +80,11 @@ def build_app(settings: Settings, environ: Mapping[str, str] = os.environ) -> Qu
         access_keys=AccessKeys(engine.store, clock=utc_now),
         devices=DeviceRequests(engine, clock=utc_now),
         admission=Admission(settings.server.max_active_requests),
+        long_polls=LongPolls(
+            per_transaction=settings.server.long_polls_per_transaction,
+            per_address=settings.server.long_polls_per_address,
+        ),
+        metrics_token=read_metrics_token(settings.server, environ),
         address_limit=RateLimit(
             limits.address_per_second, limits.address_burst, what="client address"
         ),

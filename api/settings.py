@@ -56,6 +56,14 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: Where the worker processes on this host tell each other of changed transactions
     #: (engine/peers.py).
     peers_dir: str = "var/peers"
+    #: Status long-polls held at once (per process) for one transaction, and from one client
+    #: address; beyond either, a long-poll is answered at once with the current status.
+    long_polls_per_transaction: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 4
+    long_polls_per_address: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 256
+    #: A file holding the bearer token ``/metrics`` requires (``TAPSIGN_METRICS_TOKEN`` in
+    #: the environment takes precedence); neither: ``/metrics`` is open to whoever reaches
+    #: the port (bind to a private address then).
+    metrics_token_file: str | None = None
 
     def process_count(self) -> int:
         return self.workers or os.cpu_count() or 1
@@ -130,3 +138,19 @@ def load_settings(
         return msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigurationError(f"invalid configuration: {exc}") from exc
+
+
+def read_metrics_token(settings: ServerSettings, environ: Mapping[str, str]) -> str | None:
+    """The token ``/metrics`` requires, from the environment or its file; None if neither."""
+    token = environ.get("TAPSIGN_METRICS_TOKEN")
+    if token:
+        return token
+    if settings.metrics_token_file is None:
+        return None
+    try:
+        token = Path(settings.metrics_token_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read server.metrics_token_file: {exc.strerror}") from exc
+    if not token:
+        raise ConfigurationError("server.metrics_token_file is empty")
+    return token

@@ -12,8 +12,9 @@ import contextlib
 import json
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import BinaryIO
@@ -25,12 +26,12 @@ import jwt
 import msgspec
 import pytest
 
-from api.wire import Introspection
+from api.wire import Introspection, Started
 from engine.model import UserVerification
 from sdk.client import ApiError, Client
 from sdk.device import Device
 from tests.e2e.serving import Server, serving
-from tests.e2e.test_attacks import SHOP
+from tests.e2e.test_attacks import PROBLEM, SHOP, audit
 from tests.e2e.test_flows import enrolled, new_username
 from tests.e2e.test_refusals import saturated
 
@@ -371,3 +372,83 @@ def test_4_a_rotation_and_a_retirement_reach_every_process_of_a_running_server(
 
         _every_process(forgot_the_retired_key)
         _every_process(signs_with_the_new_key)
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server whose ``/metrics`` needs a token, holding at most two long-polls per
+    transaction and three per client address."""
+    directory = tmp_path_factory.mktemp("guarded")
+    directory.mkdir(exist_ok=True)
+    (directory / "metrics.token").write_text("metrics-" + "x" * 24 + "\n")
+    config = (
+        '[server]\nmetrics_token_file = "metrics.token"\n'
+        "long_polls_per_transaction = 2\nlong_polls_per_address = 3\n"
+    )
+    with serving(directory, config=config) as server:
+        yield server
+
+
+def _guarded_metric(server: Server, name: str) -> float:
+    text = httpx.get(
+        f"{server.url}/metrics", headers={"Authorization": "Bearer metrics-" + "x" * 24}
+    ).text
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_13_metrics_need_their_token_and_readiness_tells_no_error_text(guarded: Server) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "metrics-x"}):
+        refused = httpx.get(f"{guarded.url}/metrics", headers=headers)
+        assert (refused.status_code, refused.headers["content-type"]) == (401, PROBLEM)
+        assert "tapsign_" not in refused.text
+    assert _guarded_metric(guarded, "tapsign_requests_active") >= 1
+    assert httpx.get(f"{guarded.url}/readyz").json() == {
+        "status": "ready",
+        "database": "ok",
+        "hsm": "ok",
+    }
+
+
+def test_14_long_polls_are_held_a_few_at_a_time(guarded: Server) -> None:
+    with Client(guarded.url, guarded.access_key) as client, closing(Device(guarded.url)) as phone:
+        username = enrolled(client, phone)
+        first, second = (client.approve(username=username) for _ in range(2))
+        held: list[str] = []
+
+        def long_poll(started: Started) -> None:
+            with Client(guarded.url, guarded.access_key, timeout=60) as waiting:
+                held.append(waiting.status(started.status_token, wait=30).status)
+
+        pollers = [
+            threading.Thread(target=long_poll, args=(started,))
+            for started in (first, first, second)
+        ]
+        for poller in pollers:
+            poller.start()
+        deadline = time.monotonic() + 20
+        while _guarded_metric(guarded, "tapsign_long_polls_waiting") < 3:
+            assert time.monotonic() < deadline, "the long-polls were not held"
+            time.sleep(0.05)
+        # A third on the first transaction, then a fourth from this address: answered at
+        # once (the client would time out after 10 s if either were held).
+        with Client(guarded.url, guarded.access_key, timeout=10) as impatient:
+            assert impatient.status(first.status_token, wait=30).status == "pending"
+            assert impatient.status(second.status_token, wait=30).status == "pending"
+        assert _guarded_metric(guarded, "tapsign_long_polls_not_held_total") == 2
+        for operation in phone.pending():
+            phone.approve(operation)
+        for poller in pollers:
+            poller.join(timeout=30)
+        assert held == ["succeeded"] * 3
+        assert _guarded_metric(guarded, "tapsign_long_polls_waiting") == 0
+
+
+def test_a_guessed_access_key_through_introspection_is_audited(
+    server: Server, client: Client
+) -> None:
+    guess = "tsk_0123456789_" + "g" * 43
+    assert client.introspect(guess) == Introspection(active=False)
+    assert any(
+        reason is not None and "/api/v1/introspect: unknown access key" in reason
+        for _, _, reason in audit(server, "auth.refused")
+    )
