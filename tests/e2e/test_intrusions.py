@@ -192,7 +192,7 @@ def test_10_after_a_429_or_a_503_the_connection_is_usable_or_closed(
         pass  # the address's burst, spent
     head = f"POST {answer} HTTP/1.1\r\nContent-Type: application/json"
     assert _late_body_exchange(limited.url, head, b"{}") == (429, "answered")
-    with saturated(saturable):
+    with closing(Device(saturable.url)) as phone, saturated(saturable, phone):
         head = (
             "POST /api/v1/approval HTTP/1.1\r\nContent-Type: application/json\r\n"
             f"Authorization: Bearer {saturable.access_key}"
