@@ -7,14 +7,15 @@ and answer that one transaction with it, which is how a registration is answered
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from quart import Quart
+from quart import Quart, request
 
 from api import wire
 from api.routing import Auth, Call, Services, route
 from engine.actors import NOT_THIS_DEVICES
-from engine.errors import OperationNotFound, OperationNotPending
+from engine.errors import InvalidInput, OperationNotFound, OperationNotPending
 from engine.model import DeviceAnswer, FailureReason, Operation
 from engine.payload import FORMAT
 from engine.tokens import TokenKind
@@ -62,6 +63,33 @@ def _phone_reason(reason: FailureReason | None) -> str | None:
     return "authentication-failed" if reason in _NOT_TOLD else reason.value
 
 
+PAGE_SIZE = 10
+MAX_PAGE_SIZE = 50
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _cursor(operation: Operation) -> str:
+    """Where the next page starts: after this operation (its creation time and id)."""
+    microseconds = (operation.created_at - _EPOCH) // timedelta(microseconds=1)
+    return f"{microseconds}.{operation.id.hex}"
+
+
+def _page(limit: str | None, after: str | None) -> tuple[int, tuple[datetime, UUID] | None]:
+    """``?limit=`` and ``?after=`` of the fetch, checked."""
+    size = PAGE_SIZE
+    if limit is not None:
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE_SIZE:
+            raise InvalidInput(f"limit is 1 to {MAX_PAGE_SIZE}", field="limit")
+        size = int(limit)
+    if after is None:
+        return size, None
+    microseconds, _, identifier = after.partition(".")
+    try:
+        return size, (_EPOCH + timedelta(microseconds=int(microseconds)), UUID(hex=identifier))
+    except (ValueError, OverflowError) as exc:
+        raise InvalidInput("after is the next of a previous page", field="after") from exc
+
+
 def register(app: Quart, services: Services) -> None:
     supervisor = services.engine.supervisor
 
@@ -94,16 +122,23 @@ def register(app: Quart, services: Services) -> None:
         response=wire.PendingOperations,
     )
     async def pending(call: Call) -> wire.PendingOperations:
-        """What waits for the signing device: used when the app opens, after a push, or
-        when no push arrives at all."""
+        """What waits for the signing device, oldest first: used when the app opens, after a
+        push, or when no push arrives at all. A page holds ``?limit=`` transactions (1 to
+        50, default 10); ``next``, when there are more, is what to pass as ``?after=`` for
+        the next page."""
         assert call.device is not None  # noqa: S101 - Auth.DEVICE guarantees it
+        limit, after = _page(request.args.get("limit"), request.args.get("after"))
+        page = await supervisor.pending_for_device(call.device.id, after=after, limit=limit + 1)
         shown = []
-        for operation in await supervisor.pending_for_device(call.device.id):
+        for operation in page[:limit]:
             try:
                 shown.append(device_view(await supervisor.dispatch(operation.id, call.device.id)))
             except (OperationNotFound, OperationNotPending):
                 continue  # it ended (expired, cancelled) since the list was read
-        return wire.PendingOperations(operations=shown)
+        more = len(page) > limit
+        return wire.PendingOperations(
+            operations=shown, next=_cursor(page[limit - 1]) if more else None
+        )
 
     @route(
         app,

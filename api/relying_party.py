@@ -31,6 +31,7 @@ from engine.errors import (
 )
 from engine.model import (
     Device,
+    DeviceStatus,
     Operation,
     OperationKind,
     OperationRequest,
@@ -220,6 +221,13 @@ def register(app: Quart, services: Services) -> None:
             status, reason = "failed", operation.status
         elif operation.failure_reason is not None:
             reason = operation.failure_reason.value
+        count = None
+        if status == "succeeded" and operation.kind is OperationKind.REGISTRATION:
+            with contextlib.suppress(UserNotFound):
+                count = sum(
+                    device.status is not DeviceStatus.DEACTIVATED
+                    for device in await identity.list_devices(operation.user_id)
+                )
         username = usernames.get(operation.user_id)
         if username is None:
             try:
@@ -238,6 +246,7 @@ def register(app: Quart, services: Services) -> None:
             authenticator_id=operation.device_id,
             token=operation.result_token,
             consent=operation.result,
+            authenticator_count=count,
             created_at=operation.created_at,
             last_updated_at=operation.updated_at,
             expires_at=operation.expires_at,

@@ -235,6 +235,10 @@ class Status(Wire, frozen=True, kw_only=True):
     token: str | None = None
     #: The consent JWT of a successful signature.
     consent: str | None = None
+    #: A registration that succeeded: how many authenticators the user has now (active or
+    #: locked). More than one: approvals go to the newest unless ``authenticatorId`` names
+    #: another.
+    authenticator_count: int | None = None
     created_at: datetime | None = None
     last_updated_at: datetime | None = None
     expires_at: datetime | None = None
@@ -343,6 +347,8 @@ class PaymentView(Wire, frozen=True, kw_only=True):
 
 class PendingOperations(Wire, frozen=True, kw_only=True):
     operations: list[DeviceOperation]
+    #: When there are more: pass it as ``?after=`` for the next page.
+    next: str | None = None
 
 
 class Answer(Wire, frozen=True, kw_only=True):

@@ -54,6 +54,8 @@ from engine.errors import (
     OperationNotFound,
     OperationNotPending,
     ServiceUnavailable,
+    TooManyAuthenticators,
+    TooManyPending,
     UserNotActive,
     UserNotFound,
 )
@@ -717,18 +719,21 @@ def _record_answer(
 
 
 def _operation_callback(connection: Connection, operation: Operation, now: datetime) -> OutboxItem:
+    body: dict[str, Any] = {
+        "status": operation.status,
+        "reason": None if operation.failure_reason is None else operation.failure_reason.value,
+        "kind": operation.kind.value,
+        "userId": str(operation.user_id),
+        "authenticatorId": str(operation.device_id),
+    }
+    if operation.kind is OperationKind.REGISTRATION and operation.phase is Phase.SUCCEEDED:
+        # The user may now have several phones: say how many (the status says it too).
+        body["authenticatorCount"] = sum(
+            device.status is not DeviceStatus.DEACTIVATED
+            for device in db.list_devices(connection, operation.user_id)
+        )
     return outbox_row(
-        connection,
-        operation,
-        now,
-        event=f"transaction.{operation.phase.value}",
-        body={
-            "status": operation.status,
-            "reason": None if operation.failure_reason is None else operation.failure_reason.value,
-            "kind": operation.kind.value,
-            "userId": str(operation.user_id),
-            "authenticatorId": str(operation.device_id),
-        },
+        connection, operation, now, event=f"transaction.{operation.phase.value}", body=body
     )
 
 
@@ -849,14 +854,34 @@ class Supervisor:
 
         now = self.context.clock()
 
+        settings = self.context.settings
+
         def create(connection: Connection) -> Operation:
             user = _resolve_user(connection, request, now)
             if user.status in (UserStatus.LOCKED, UserStatus.DEACTIVATED):
                 raise UserNotActive(f"the user is {user.status}")
+            # Writers take turns (the audit head is locked first), so these counts hold
+            # against concurrent starts, in other processes too.
+            pending = [op for op in db.pending_for_user(connection, user.id) if op.expires_at > now]
+            if len(pending) >= settings.max_pending_per_user:
+                raise TooManyPending(
+                    f"the user has {len(pending)} pending transactions, the most "
+                    "[operations] max_pending_per_user allows: one must end first",
+                    retry_after=(min(op.expires_at for op in pending) - now).total_seconds(),
+                )
+            devices = db.list_devices(connection, user.id)
             if request.kind is OperationKind.REGISTRATION:
+                enrolling = sum(op.kind is OperationKind.REGISTRATION for op in pending)
+                usable = sum(device.status is not DeviceStatus.DEACTIVATED for device in devices)
+                if usable + enrolling >= settings.max_authenticators_per_user:
+                    raise TooManyAuthenticators(
+                        f"the user has {usable + enrolling} authenticators, enrolled or "
+                        "being enrolled, the most [operations] max_authenticators_per_user "
+                        "allows: revoke one first"
+                    )
                 device_id = uuid4()
             else:
-                device_id = _target_device(connection, user, request.device_id).id
+                device_id = _target_device(devices, request.device_id).id
             operation = Operation(
                 id=operation_id,
                 kind=request.kind,
@@ -973,10 +998,15 @@ class Supervisor:
         result: Operation = await actor.ask(Cancel())
         return result
 
-    async def pending_for_device(self, device_id: UUID) -> list[Operation]:
+    async def pending_for_device(
+        self, device_id: UUID, *, after: tuple[datetime, UUID] | None = None, limit: int
+    ) -> list[Operation]:
+        """A page of the device's pending operations (:func:`engine.store.pending_for_device`)."""
         now = self.context.clock()
         return await self.context.store.read(
-            lambda connection: db.pending_for_device(connection, device_id, now)
+            lambda connection: db.pending_for_device(
+                connection, device_id, now, after=after, limit=limit
+            )
         )
 
     async def cancel_pending_for_user(self, user_id: UUID) -> int:
@@ -1012,8 +1042,7 @@ def _resolve_user(connection: Connection, request: OperationRequest, now: dateti
     raise UserNotFound("no user with that username")
 
 
-def _target_device(connection: Connection, user: User, device_id: UUID | None) -> Device:
-    devices = db.list_devices(connection, user.id)
+def _target_device(devices: list[Device], device_id: UUID | None) -> Device:
     if device_id is not None:
         device = next((device for device in devices if device.id == device_id), None)
         if device is None:

@@ -58,6 +58,13 @@ class TooManyRequests(TapsignError):
         self.retry_after = retry_after
 
 
+class TooManyPending(TooManyRequests):
+    """The user has as many pending operations as allowed; one must end first."""
+
+    problem = "too-many-pending"
+    title = "Too many pending transactions"
+
+
 class ConfigurationError(TapsignError):
     """The configuration (file or environment) is invalid; raised at start-up."""
 
@@ -119,6 +126,13 @@ class UserNotActive(Conflict):
 class DeviceNotActive(Conflict):
     problem = "authenticator-not-active"
     title = "Authenticator not active"
+
+
+class TooManyAuthenticators(Conflict):
+    """The user has as many authenticators (enrolled or being enrolled) as allowed."""
+
+    problem = "too-many-authenticators"
+    title = "Too many authenticators"
 
 
 class OperationNotPending(Conflict):

@@ -32,6 +32,11 @@ class OperationSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     max_failed_attempts: Annotated[int, msgspec.Meta(ge=1, le=5)] = 5
     #: Answers waiting for one operation's actor beyond this are refused.
     inbox_size: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    #: Pending operations one user may have at once; beyond, a start is refused (429).
+    max_pending_per_user: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 16
+    #: Authenticators one user may have, enrolled or being enrolled (deactivated ones not
+    #: counted); beyond, an enrolment is refused (409).
+    max_authenticators_per_user: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
 
 
 class CallbackSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

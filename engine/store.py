@@ -553,16 +553,24 @@ def pending_operations(connection: Connection) -> list[Operation]:
     return [_operation(row) for row in rows]
 
 
-def pending_for_device(connection: Connection, device_id: UUID, now: datetime) -> list[Operation]:
-    rows = connection.execute(
-        operations.select()
-        .where(
-            operations.c.device_id == device_id,
-            operations.c.phase.in_(_PENDING),
-            operations.c.expires_at > now,
-        )
-        .order_by(operations.c.created_at)
+def pending_for_device(
+    connection: Connection,
+    device_id: UUID,
+    now: datetime,
+    *,
+    after: tuple[datetime, UUID] | None = None,
+    limit: int,
+) -> list[Operation]:
+    """The device's pending operations, oldest first, from just after ``after`` (the
+    ``(created_at, id)`` of the last one of the previous page), at most ``limit``."""
+    query = operations.select().where(
+        operations.c.device_id == device_id,
+        operations.c.phase.in_(_PENDING),
+        operations.c.expires_at > now,
     )
+    if after is not None:
+        query = query.where(sa.tuple_(operations.c.created_at, operations.c.id) > after)
+    rows = connection.execute(query.order_by(operations.c.created_at, operations.c.id).limit(limit))
     return [_operation(row) for row in rows]
 
 

@@ -219,12 +219,18 @@ class Device:
         return result
 
     def pending(self) -> list[wire.DeviceOperation]:
-        """This phone's pending transactions (the fetch channel, a signed request)."""
-        response = self._http.get(
-            "/device/v1/operations", headers=self._signed("GET", "/device/v1/operations", b"")
-        )
-        raise_for_problem(response)
-        return msgspec.json.decode(response.content, type=wire.PendingOperations).operations
+        """This phone's pending transactions, oldest first (the fetch channel: a signed
+        request for each page)."""
+        found: list[wire.DeviceOperation] = []
+        path = "/device/v1/operations"
+        while True:
+            response = self._http.get(path, headers=self._signed("GET", path, b""))
+            raise_for_problem(response)
+            page = msgspec.json.decode(response.content, type=wire.PendingOperations)
+            found.extend(page.operations)
+            if page.next is None:
+                return found
+            path = f"/device/v1/operations?after={page.next}"
 
     def show(self, operation: wire.DeviceOperation) -> str:
         """What the phone shows before the user decides."""

@@ -26,6 +26,7 @@ import jwt
 import msgspec
 import pytest
 
+from api.device_auth import sign_headers
 from api.wire import Introspection, Started
 from engine.model import UserVerification
 from sdk.client import ApiError, Client
@@ -377,13 +378,15 @@ def test_4_a_rotation_and_a_retirement_reach_every_process_of_a_running_server(
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server whose ``/metrics`` needs a token, holding at most two long-polls per
-    transaction and three per client address."""
+    transaction and three per client address, and allowing a user three pending
+    transactions and two authenticators."""
     directory = tmp_path_factory.mktemp("guarded")
     directory.mkdir(exist_ok=True)
     (directory / "metrics.token").write_text("metrics-" + "x" * 24 + "\n")
     config = (
         '[server]\nmetrics_token_file = "metrics.token"\n'
         "long_polls_per_transaction = 2\nlong_polls_per_address = 3\n"
+        "[operations]\nmax_pending_per_user = 3\nmax_authenticators_per_user = 2\n"
     )
     with serving(directory, config=config) as server:
         yield server
@@ -451,4 +454,61 @@ def test_a_guessed_access_key_through_introspection_is_audited(
     assert any(
         reason is not None and "/api/v1/introspect: unknown access key" in reason
         for _, _, reason in audit(server, "auth.refused")
+    )
+
+
+def test_11_a_user_has_a_few_pending_transactions_and_authenticators(guarded: Server) -> None:
+    with (
+        Client(guarded.url, guarded.access_key) as client,
+        closing(Device(guarded.url)) as phone,
+        closing(Device(guarded.url)) as second_phone,
+    ):
+        username = enrolled(client, phone)
+        started = [client.approve(username=username) for _ in range(3)]
+        with pytest.raises(ApiError) as raised:
+            client.approve(username=username)
+        status, kind, detail = problem(raised)
+        assert (status, kind) == (429, "https://tapsign.dev/problems/too-many-pending")
+        assert "max_pending_per_user" in (detail or "")
+        assert raised.value.retry_after is not None
+        # The phone's fetch comes in pages; the SDK follows them.
+        first = httpx.get(
+            f"{guarded.url}/device/v1/operations?limit=2",
+            headers=_signed(phone, "/device/v1/operations?limit=2"),
+        ).json()
+        assert len(first["operations"]) == 2
+        rest = f"/device/v1/operations?limit=2&after={first['next']}"
+        second = httpx.get(guarded.url + rest, headers=_signed(phone, rest)).json()
+        assert (len(second["operations"]), second.get("next")) == (1, None)
+        for bad, field in (("?limit=0", "limit"), ("?after=yesterday", "after")):
+            refused = httpx.get(
+                f"{guarded.url}/device/v1/operations{bad}",
+                headers=_signed(phone, f"/device/v1/operations{bad}"),
+            )
+            assert (refused.status_code, refused.json()["field"]) == (422, field)
+        assert [operation.id for operation in phone.pending()] == [
+            transaction.transaction_id for transaction in started
+        ]
+        for transaction in started:
+            client.cancel(transaction.transaction_id)
+        # A second phone: the enrolment says the user now has two.
+        enrolment = client.enroll(username=username)
+        assert second_phone.enroll(enrolment.enrollment.app_link_uri).status == "succeeded"
+        final = client.wait_for_result(enrolment.enrollment.status_token)
+        assert final.authenticator_count == 2
+        with pytest.raises(ApiError) as raised:
+            client.enroll(username=username)
+        status, kind, detail = problem(raised)
+        assert (status, kind) == (409, "https://tapsign.dev/problems/too-many-authenticators")
+        assert "max_authenticators_per_user" in (detail or "")
+
+
+def _signed(phone: Device, path: str) -> dict[str, str]:
+    assert phone.authenticator_id is not None
+    return sign_headers(
+        authenticator_id=phone.authenticator_id,
+        signer=phone.authenticator,
+        method="GET",
+        path=path,
+        body=b"",
     )
