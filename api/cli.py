@@ -36,6 +36,8 @@ from engine.benchmark import bench_memory
 from engine.errors import TapsignError
 from engine.identity import Identity
 from engine.model import Device, User, utc_now
+from engine.peers import announce_to
+from engine.service import end_user
 from engine.store import AccessKeyRecord, Store, read_audit
 from hsm.benchmark import bench_verify
 from hsm.errors import InvalidToken
@@ -323,11 +325,19 @@ def users_command(settings: Settings, arguments: argparse.Namespace) -> None:
             user = await identity.lock_user(user.id, actor="admin")
         elif action == "unlock":
             user = await identity.unlock_user(user.id, actor="admin")
-        elif action == "deactivate":
-            user = await identity.deactivate_user(user.id, actor="admin")
-        elif action == "delete":
-            await identity.delete_user(user.id, actor="admin")
-            return None
+        elif action in ("deactivate", "delete"):
+            # What the user had pending is cancelled with it; a running server hears of it
+            # at once and delivers the callbacks (engine/service.py end_user).
+            ended, cancelled = await end_user(
+                store, user.id, delete=action == "delete", actor="admin", clock=utc_now, lease=None
+            )
+            announce_to(
+                settings.server.peers_dir,
+                [(operation.id, operation.version) for operation, _ in cancelled],
+            )
+            if ended is None:
+                return None
+            user = ended
         return user, await identity.list_devices(user.id)
 
     shown = _with_store(settings, act)

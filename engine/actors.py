@@ -113,6 +113,10 @@ class CallbackQueue(Protocol):
     def enqueue(self, items: Sequence[OutboxItem]) -> None:
         """Deliver these committed outbox rows (engine/callbacks.py)."""
 
+    @property
+    def lease(self) -> timedelta:
+        """How long the rows this process writes are held by it, unrenewed."""
+
 
 @dataclass(frozen=True, slots=True)
 class Context:
@@ -354,37 +358,19 @@ class OperationActor:
         succeed and the transaction would take two answers.
         """
         now = self.context.clock()
-        phase = transition.state.phase
-        after = msgspec.structs.replace(
-            before,
-            phase=phase,
-            failure_reason=transition.state.reason,
-            version=before.version + 1,
-            updated_at=now,
-            completed_at=now if phase.terminal else None,
-            # Sealed data goes as soon as it is no longer needed.
-            post_context_sealed=None if phase.terminal else before.post_context_sealed,
-            **(changes or {}),
-        )
+        after = _advanced(before, transition, now, changes or {})
 
         def persist(connection: Connection) -> list[OutboxItem] | None:
-            if not db.update_operation(connection, after, expected_version=before.version):
-                return None
-            db.append_audit(
+            return _store_transition(
                 connection,
-                at=now,
+                before,
+                after,
+                transition,
                 actor=actor,
-                action=f"operation.{phase.value}",
-                outcome=phase.status,
-                operation_id=after.id,
-                user_id=after.user_id,
-                device_id=after.device_id,
-                reason=None if after.failure_reason is None else after.failure_reason.value,
+                now=now,
+                lease_until=now + self.context.callbacks.lease,
+                extra=extra,
             )
-            items = extra(connection, after, now) if extra is not None else []
-            if Effect.CALLBACK in transition.effects and after.callback_url:
-                items.append(_operation_callback(connection, after, now))
-            return items
 
         with trio.CancelScope(shield=True):  # a terminal state, once decided, is stored
             items = await self.context.store.write(persist)
@@ -511,6 +497,7 @@ class OperationActor:
                 attestation=attestation,
                 refusal=refusal,
                 max_failed_attempts=settings.max_failed_attempts,
+                lease_until=now + self.context.callbacks.lease,
             )
 
         committed = await self._commit(
@@ -592,6 +579,83 @@ class OperationActor:
         return await trio.to_thread.run_sync(sign)
 
 
+def _advanced(
+    before: Operation, transition: Transition, now: datetime, changes: dict[str, Any]
+) -> Operation:
+    """``before`` moved to the state of ``transition``, with ``changes``."""
+    phase = transition.state.phase
+    return msgspec.structs.replace(
+        before,
+        phase=phase,
+        failure_reason=transition.state.reason,
+        version=before.version + 1,
+        updated_at=now,
+        completed_at=now if phase.terminal else None,
+        # Sealed data goes as soon as it is no longer needed.
+        post_context_sealed=None if phase.terminal else before.post_context_sealed,
+        **changes,
+    )
+
+
+def _store_transition(
+    connection: Connection,
+    before: Operation,
+    after: Operation,
+    transition: Transition,
+    *,
+    actor: str,
+    now: datetime,
+    lease_until: datetime | None,
+    extra: Callable[[Connection, Operation, datetime], list[OutboxItem]] | None = None,
+) -> list[OutboxItem] | None:
+    """Store ``after`` if the operation is still at ``before``'s version (compare-and-set),
+    with its audit entry, what ``extra`` writes besides, and, when the transition calls for
+    one, its callback; None if another actor or process changed it first (nothing is
+    written then)."""
+    if not db.update_operation(connection, after, expected_version=before.version):
+        return None
+    phase = after.phase
+    db.append_audit(
+        connection,
+        at=now,
+        actor=actor,
+        action=f"operation.{phase.value}",
+        outcome=phase.status,
+        operation_id=after.id,
+        user_id=after.user_id,
+        device_id=after.device_id,
+        reason=None if after.failure_reason is None else after.failure_reason.value,
+    )
+    items = extra(connection, after, now) if extra is not None else []
+    if Effect.CALLBACK in transition.effects and after.callback_url:
+        items.append(_operation_callback(connection, after, now, lease_until=lease_until))
+    return items
+
+
+def cancel_pending_of_user(
+    connection: Connection,
+    user_id: UUID,
+    *,
+    now: datetime,
+    actor: str,
+    lease_until: datetime | None,
+) -> list[tuple[Operation, list[OutboxItem]]]:
+    """Cancel every operation ``user_id`` has pending, in the caller's transaction: a user
+    deactivated or deleted keeps nothing that could still be approved. Returns each
+    cancelled operation with its callbacks; the actors holding them are told after the
+    commit (:meth:`Supervisor.changed_here`, engine/peers.py)."""
+    cancelled = []
+    for before in db.pending_for_user(connection, user_id):
+        transition = handle(State(before.phase, before.failure_reason), Cancel())
+        after = _advanced(before, transition, now, {})
+        items = _store_transition(
+            connection, before, after, transition, actor=actor, now=now, lease_until=lease_until
+        )
+        if items is not None:
+            cancelled.append((after, items))
+    return cancelled
+
+
 def _record_answer(
     connection: Connection,
     operation: Operation,
@@ -603,6 +667,7 @@ def _record_answer(
     attestation: str | None,
     refusal: str | None,
     max_failed_attempts: int,
+    lease_until: datetime,
 ) -> list[OutboxItem]:
     """The device's and user's side of a judged answer, in the operation's transaction."""
     items: list[OutboxItem] = []
@@ -684,6 +749,7 @@ def _record_answer(
                                 "userId": str(device.user_id),
                                 "failedAttempts": changes["failed_attempts"],
                             },
+                            lease_until=lease_until,
                         )
                     )
         else:
@@ -718,7 +784,9 @@ def _record_answer(
     return items
 
 
-def _operation_callback(connection: Connection, operation: Operation, now: datetime) -> OutboxItem:
+def _operation_callback(
+    connection: Connection, operation: Operation, now: datetime, *, lease_until: datetime | None
+) -> OutboxItem:
     body: dict[str, Any] = {
         "status": operation.status,
         "reason": None if operation.failure_reason is None else operation.failure_reason.value,
@@ -733,7 +801,12 @@ def _operation_callback(connection: Connection, operation: Operation, now: datet
             for device in db.list_devices(connection, operation.user_id)
         )
     return outbox_row(
-        connection, operation, now, event=f"transaction.{operation.phase.value}", body=body
+        connection,
+        operation,
+        now,
+        event=f"transaction.{operation.phase.value}",
+        body=body,
+        lease_until=lease_until,
     )
 
 
@@ -924,7 +997,11 @@ class Supervisor:
             if request.push_notification is not None and operation.callback_url is not None:
                 pushed.extend(
                     self.context.dispatcher.dispatch(
-                        connection, operation, notification=request.push_notification, now=now
+                        connection,
+                        operation,
+                        notification=request.push_notification,
+                        now=now,
+                        lease_until=now + self.context.callbacks.lease,
                     )
                 )
             return operation
@@ -1009,19 +1086,17 @@ class Supervisor:
             )
         )
 
-    async def cancel_pending_for_user(self, user_id: UUID) -> int:
-        """Cancel what a deactivated or deleted user still had pending."""
-        pending = await self.context.store.read(
-            lambda connection: db.pending_for_user(connection, user_id)
-        )
-        cancelled = 0
-        for operation in pending:
-            try:
-                await self.cancel(operation.id)
-                cancelled += 1
-            except (OperationNotPending, OperationNotFound):
-                pass
-        return cancelled
+    def changed_here(self, operation: Operation) -> None:
+        """This process stored ``operation`` outside its actor (its user was deactivated or
+        deleted): the actor here, if any, takes the stored version, waiters wake, and the
+        other processes are told."""
+        actor = self._actors.get(operation.id)
+        if actor is not None:
+            actor.refresh(operation)
+        watch = self._watches.pop(operation.id, None)
+        if watch is not None:
+            watch.changed.set()
+        self.context.peers.announce(operation.id, operation.version)
 
 
 def _resolve_user(connection: Connection, request: OperationRequest, now: datetime) -> User:

@@ -4,7 +4,14 @@ Theory of operation
 -------------------
 An operation's state change and its callback's outbox row are written in one transaction
 (engine/actors.py), so a callback exists exactly when the change it reports does, and it
-survives a restart: at start-up every row neither delivered nor given up is queued again.
+survives a restart.
+
+Each row is delivered by one process, which holds it on a lease (``lease_until``): a process
+writes its own rows leased to itself and delivers them once they are committed; every
+``rescan_seconds`` it renews the leases of the rows it still holds and claims the rows
+nobody holds: those a command wrote (``tapsign users deactivate`` cancelling a user's
+transactions) and those of a process that stopped renewing (it died). A restarted process
+claims its predecessor's rows once their leases have run out, within three rescans.
 
 Rows are queued per operation and delivered in order: the next callback of an operation
 waits until the one before it is delivered or given up. Different operations proceed
@@ -46,7 +53,7 @@ import trio
 from sqlalchemy.engine import Connection
 
 from engine import store as db
-from engine.errors import InvalidInput
+from engine.errors import InvalidInput, ServiceUnavailable
 from engine.model import Clock, Operation
 from engine.payload import b64url
 from engine.settings import CallbackSettings
@@ -54,6 +61,9 @@ from engine.store import OutboxItem, Store
 from hsm.keyring import KeyPurpose, Keyring
 
 log = logging.getLogger(__name__)
+
+#: The most undelivered rows one rescan takes up.
+CLAIM_LIMIT = 1000
 
 
 class CallbackStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,12 +111,35 @@ class CallbackDeliverer:
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             for key in self._queues:  # queued before the deliverer ran
                 self._nursery.start_soon(self._drain, key)
-            self.enqueue(await self._store.read(db.undelivered))
+            await self._claim()
             task_status.started()
             try:
-                await trio.sleep_forever()
+                while True:
+                    await trio.sleep(self._settings.rescan_seconds)
+                    await self._claim()
             finally:
                 self._nursery = None
+
+    async def _claim(self) -> None:
+        """Renew the leases of the rows held here, and take up those nobody holds."""
+        now = self._clock()
+        lease_until = now + self.lease
+        held = sorted(self._queued)
+
+        def claim(connection: Connection) -> list[OutboxItem]:
+            return db.claim_undelivered(
+                connection, now=now, lease_until=lease_until, held=held, limit=CLAIM_LIMIT
+            )
+
+        try:
+            self.enqueue(await self._store.write(claim))
+        except ServiceUnavailable as exc:  # the database is away: the next rescan tries again
+            log.warning("cannot claim callbacks: %s", exc)
+
+    @property
+    def lease(self) -> timedelta:
+        """How long a row stays with the process that claimed or wrote it, unrenewed."""
+        return lease_of(self._settings)
 
     def enqueue(self, items: Sequence[OutboxItem]) -> None:
         for item in items:
@@ -243,10 +276,22 @@ class CallbackDeliverer:
         return f"HTTP {response.status_code}"
 
 
+def lease_of(settings: CallbackSettings) -> timedelta:
+    """How long an outbox row stays with its holder without a renewal: three rescans."""
+    return timedelta(seconds=3 * settings.rescan_seconds)
+
+
 def outbox_row(
-    connection: Connection, operation: Operation, now: datetime, *, event: str, body: dict[str, Any]
+    connection: Connection,
+    operation: Operation,
+    now: datetime,
+    *,
+    event: str,
+    body: dict[str, Any],
+    lease_until: datetime | None,
 ) -> OutboxItem:
-    """Write a callback about ``operation`` into the outbox, in the caller's transaction."""
+    """Write a callback about ``operation`` into the outbox, in the caller's transaction,
+    held by the writing process until ``lease_until`` (None: for whichever claims it)."""
     if operation.callback_url is None:  # pragma: no cover - callers check
         raise InvalidInput("no callback URL", field="callbackUrl")
     document = msgspec.json.encode(
@@ -264,6 +309,7 @@ def outbox_row(
         url=operation.callback_url,
         body=document,
         now=now,
+        lease_until=lease_until,
     )
     return OutboxItem(
         id=outbox_id,

@@ -22,7 +22,13 @@ from engine.store import OutboxItem
 
 class Dispatcher(Protocol):
     def dispatch(
-        self, connection: Connection, operation: Operation, *, notification: str, now: datetime
+        self,
+        connection: Connection,
+        operation: Operation,
+        *,
+        notification: str,
+        now: datetime,
+        lease_until: datetime,
     ) -> list[OutboxItem]:
         """Arrange the notification in the operation's creating transaction; the outbox rows
         returned are delivered once it commits."""
@@ -31,7 +37,13 @@ class Dispatcher(Protocol):
 
 class WebhookDispatcher:
     def dispatch(
-        self, connection: Connection, operation: Operation, *, notification: str, now: datetime
+        self,
+        connection: Connection,
+        operation: Operation,
+        *,
+        notification: str,
+        now: datetime,
+        lease_until: datetime,
     ) -> list[OutboxItem]:
         return [
             outbox_row(
@@ -45,5 +57,6 @@ class WebhookDispatcher:
                     "kind": operation.kind.value,
                     "notificationMessage": notification,
                 },
+                lease_until=lease_until,
             )
         ]

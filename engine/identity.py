@@ -10,7 +10,8 @@ Status rules:
 
 * a user is ``new`` until a registration succeeds, then ``active``; ``locked`` users cannot
   start or complete operations; ``deactivated`` is final and revokes every device of the
-  user at once (PSD2 RTS art. 27);
+  user at once (PSD2 RTS art. 27); deactivating and deleting also cancel what the user has
+  pending, so they are engine/service.py's ``end_user``;
 * a device is ``active``, ``locked`` (after too many failed verifications, or by request;
   unlocking resets the failure count) or ``deactivated`` (final).
 """
@@ -195,63 +196,11 @@ class Identity:
     async def unlock_user(self, user_id: UUID, *, actor: str) -> User:
         return await self._set_user_status(user_id, UserStatus.ACTIVE, actor=actor)
 
-    async def deactivate_user(self, user_id: UUID, *, actor: str) -> User:
-        """Final: the user and every device of the user are revoked at once (RTS art. 27)."""
-        return await self._set_user_status(user_id, UserStatus.DEACTIVATED, actor=actor)
-
     async def _set_user_status(self, user_id: UUID, target: UserStatus, *, actor: str) -> User:
         now = self._clock()
-
-        def change(connection: Connection) -> User:
-            user = require_user(connection, user_id)
-            if user.status is UserStatus.DEACTIVATED:
-                raise UserNotActive("the user is deactivated; that is final")
-            status = target
-            if target is UserStatus.ACTIVE:
-                if user.status is not UserStatus.LOCKED:
-                    return user
-                active = any(
-                    device.status is not DeviceStatus.DEACTIVATED
-                    for device in db.list_devices(connection, user_id)
-                )
-                status = UserStatus.ACTIVE if active else UserStatus.NEW
-            elif user.status is target:
-                return user
-            changed = msgspec.structs.replace(user, status=status, updated_at=now)
-            db.update_user(connection, changed)
-            action = {
-                UserStatus.LOCKED: "user.locked",
-                UserStatus.DEACTIVATED: "user.deactivated",
-            }.get(target, "user.unlocked")
-            db.append_audit(
-                connection, at=now, actor=actor, action=action, outcome="ok", user_id=user_id
-            )
-            if target is UserStatus.DEACTIVATED:
-                for device in db.list_devices(connection, user_id):
-                    if device.status is not DeviceStatus.DEACTIVATED:
-                        revoke_device(connection, device, now=now, actor=actor)
-            return changed
-
-        return await self._store.write(change)
-
-    async def delete_user(self, user_id: UUID, *, actor: str) -> None:
-        """Delete the user and the user's devices; the audit trail keeps its entries."""
-
-        now = self._clock()
-
-        def delete(connection: Connection) -> None:
-            require_user(connection, user_id)
-            db.delete_user(connection, user_id)
-            db.append_audit(
-                connection,
-                at=now,
-                actor=actor,
-                action="user.deleted",
-                outcome="ok",
-                user_id=user_id,
-            )
-
-        await self._store.write(delete)
+        return await self._store.write(
+            lambda connection: set_user_status(connection, user_id, target, now=now, actor=actor)
+        )
 
     async def list_devices(self, user_id: UUID) -> list[Device]:
         def devices(connection: Connection) -> list[Device]:
@@ -322,3 +271,45 @@ def revoke_device(connection: Connection, device: Device, *, now: datetime, acto
         device_id=device.id,
     )
     return changed
+
+
+def set_user_status(
+    connection: Connection, user_id: UUID, target: UserStatus, *, now: datetime, actor: str
+) -> User:
+    """Lock, unlock or deactivate a user, in the caller's transaction. Deactivating is final
+    and revokes every device of the user (RTS art. 27)."""
+    user = require_user(connection, user_id)
+    if user.status is UserStatus.DEACTIVATED:
+        raise UserNotActive("the user is deactivated; that is final")
+    status = target
+    if target is UserStatus.ACTIVE:
+        if user.status is not UserStatus.LOCKED:
+            return user
+        active = any(
+            device.status is not DeviceStatus.DEACTIVATED
+            for device in db.list_devices(connection, user_id)
+        )
+        status = UserStatus.ACTIVE if active else UserStatus.NEW
+    elif user.status is target:
+        return user
+    changed = msgspec.structs.replace(user, status=status, updated_at=now)
+    db.update_user(connection, changed)
+    action = {
+        UserStatus.LOCKED: "user.locked",
+        UserStatus.DEACTIVATED: "user.deactivated",
+    }.get(target, "user.unlocked")
+    db.append_audit(connection, at=now, actor=actor, action=action, outcome="ok", user_id=user_id)
+    if target is UserStatus.DEACTIVATED:
+        for device in db.list_devices(connection, user_id):
+            if device.status is not DeviceStatus.DEACTIVATED:
+                revoke_device(connection, device, now=now, actor=actor)
+    return changed
+
+
+def delete_user(connection: Connection, user_id: UUID, *, now: datetime, actor: str) -> None:
+    """Delete the user and the user's devices, in the caller's transaction."""
+    require_user(connection, user_id)
+    db.delete_user(connection, user_id)
+    db.append_audit(
+        connection, at=now, actor=actor, action="user.deleted", outcome="ok", user_id=user_id
+    )

@@ -24,7 +24,7 @@ import os
 import socket
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from uuid import UUID
 
@@ -100,24 +100,45 @@ class Peers:
         """Tell every other process here that ``operation_id`` is now at ``version``."""
         if self._sender is None or self._directory is None or self._path is None:
             return
-        own = os.fspath(self._path)
-        notice = _NOTICE.pack(operation_id.bytes, version)
+        sent, dropped = _announce(
+            self._sender, self._directory, operation_id, version, own=os.fspath(self._path)
+        )
+        self._sent += sent
+        self._dropped += dropped
+
+
+def announce_to(directory: str, changes: Iterable[tuple[UUID, int]]) -> None:
+    """Tell the processes serving in ``directory`` that these operations changed, from a
+    process that does not serve (``tapsign users deactivate``)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        sender.setblocking(False)
+        for operation_id, version in changes:
+            _announce(sender, Path(directory), operation_id, version, own=None)
+
+
+def _announce(
+    sender: socket.socket, directory: Path, operation_id: UUID, version: int, *, own: str | None
+) -> tuple[int, int]:
+    """Send the notice to every socket in ``directory`` but ``own``: ``(sent, dropped)``."""
+    notice = _NOTICE.pack(operation_id.bytes, version)
+    try:
+        peers = [entry.path for entry in os.scandir(directory)]
+    except OSError as exc:
+        log.warning("cannot list the peers in %s: %s", directory, exc.strerror)
+        return 0, 0
+    sent = dropped = 0
+    for peer in peers:
+        if not peer.endswith(".sock") or peer == own:
+            continue
         try:
-            peers = [entry.path for entry in os.scandir(self._directory)]
+            sender.sendto(notice, peer)
+            sent += 1
+        except BlockingIOError:
+            dropped += 1
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(OSError):
+                os.unlink(peer)  # its process is gone
         except OSError as exc:
-            log.warning("cannot list the peers in %s: %s", self._directory, exc.strerror)
-            return
-        for peer in peers:
-            if not peer.endswith(".sock") or peer == own:
-                continue
-            try:
-                self._sender.sendto(notice, peer)
-                self._sent += 1
-            except BlockingIOError:
-                self._dropped += 1
-            except (ConnectionRefusedError, FileNotFoundError):
-                with contextlib.suppress(OSError):
-                    os.unlink(peer)  # its process is gone
-            except OSError as exc:
-                self._dropped += 1
-                log.warning("cannot notify %s: %s", peer, exc.strerror)
+            dropped += 1
+            log.warning("cannot notify %s: %s", peer, exc.strerror)
+    return sent, dropped

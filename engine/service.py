@@ -11,22 +11,24 @@ announce changed operations (engine/peers.py). The API holds an ``Engine`` and t
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from uuid import UUID
 
 import httpx
 import trio
+from sqlalchemy.engine import Connection
 
 from engine import audit
 from engine import store as db
-from engine.actors import Context, Supervisor
+from engine.actors import Context, Supervisor, cancel_pending_of_user
 from engine.attestation import Attestor
 from engine.callbacks import CallbackDeliverer
 from engine.dispatch import WebhookDispatcher
-from engine.identity import Identity
-from engine.model import Clock, User, utc_now
+from engine.identity import Identity, delete_user, set_user_status
+from engine.model import Clock, Operation, User, UserStatus, utc_now
 from engine.peers import Peers
 from engine.settings import EngineSettings
-from engine.store import Store
+from engine.store import OutboxItem, Store
 from hsm.errors import HsmError
 from hsm.keyring import KeyPurpose, Keyring
 from hsm.tokens import TokenSigner
@@ -50,6 +52,7 @@ class Engine:
         self.store = Store(settings.database)
         self.keyring = keyring
         self.verifier = verifier
+        self.clock = clock
         self.identity = Identity(self.store, clock=clock)
         self.callbacks = CallbackDeliverer(
             self.store, keyring, settings.callbacks, clock=clock, client=http_client
@@ -99,16 +102,71 @@ class Engine:
 
     async def deactivate_user(self, user_id: UUID, *, actor: str) -> User:
         """Deactivate the user and every device (final), and cancel what was pending."""
-        user = await self.identity.deactivate_user(user_id, actor=actor)
-        await self.supervisor.cancel_pending_for_user(user_id)
+        user, cancelled = await end_user(
+            self.store,
+            user_id,
+            delete=False,
+            actor=actor,
+            clock=self.clock,
+            lease=self.callbacks.lease,
+        )
+        self._took_effect(cancelled)
+        assert user is not None  # noqa: S101 - a deactivation returns the user
         return user
 
     async def delete_user(self, user_id: UUID, *, actor: str) -> None:
-        """Cancel what the user had pending, then delete the user and the user's devices."""
-        await self.supervisor.cancel_pending_for_user(user_id)
-        await self.identity.delete_user(user_id, actor=actor)
+        """Delete the user and the user's devices, and cancel what was pending."""
+        _, cancelled = await end_user(
+            self.store,
+            user_id,
+            delete=True,
+            actor=actor,
+            clock=self.clock,
+            lease=self.callbacks.lease,
+        )
+        self._took_effect(cancelled)
+
+    def _took_effect(self, cancelled: list[tuple[Operation, list[OutboxItem]]]) -> None:
+        for operation, items in cancelled:
+            self.supervisor.changed_here(operation)
+            self.callbacks.enqueue(items)
 
     async def verify_audit(self) -> list[str]:
         """Problems found in the audit trail; empty when it is intact."""
         entries, head_seq, head_hash = await self.store.read(db.read_audit)
         return audit.verify_chain(entries, head_seq=head_seq, head_hash=head_hash)
+
+
+async def end_user(
+    store: Store,
+    user_id: UUID,
+    *,
+    delete: bool,
+    actor: str,
+    clock: Clock,
+    lease: timedelta | None,
+) -> tuple[User | None, list[tuple[Operation, list[OutboxItem]]]]:
+    """Deactivate (final) or delete a user, and cancel in the same transaction every
+    operation the user had pending, with its callbacks: nothing started before can still be
+    approved, whoever ends the user (the API, or ``tapsign users`` while a server runs).
+    ``lease``: how long the caller's process holds the callbacks it will deliver; None for
+    a command, whose callbacks a running server takes up (engine/callbacks.py). Returns the
+    deactivated user (None when deleted) and the cancelled operations with their callbacks;
+    the caller tells the actors (:meth:`Supervisor.changed_here` or engine/peers.py)."""
+    now = clock()
+    lease_until = None if lease is None else now + lease
+
+    def end(connection: Connection) -> tuple[User | None, list[tuple[Operation, list[OutboxItem]]]]:
+        user = None
+        if delete:
+            delete_user(connection, user_id, now=now, actor=actor)
+        else:
+            user = set_user_status(
+                connection, user_id, UserStatus.DEACTIVATED, now=now, actor=actor
+            )
+        cancelled = cancel_pending_of_user(
+            connection, user_id, now=now, actor=actor, lease_until=lease_until
+        )
+        return user, cancelled
+
+    return await store.write(end)

@@ -58,6 +58,10 @@ class CallbackSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     max_retry_seconds: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
     #: A delivery still failing after this long is given up (kept, marked failed).
     give_up_seconds: Annotated[float, msgspec.Meta(gt=0)] = 86_400.0
+    #: How often a process renews its leases on the callbacks it delivers and takes up those
+    #: nobody holds (a command's, a dead process's; engine/callbacks.py). A lease lasts
+    #: three of these.
+    rescan_seconds: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 5.0
 
 
 class AttestationSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -605,6 +605,7 @@ def insert_outbox(
     url: str,
     body: bytes,
     now: datetime,
+    lease_until: datetime | None,
 ) -> int:
     result = connection.execute(
         outbox.insert().values(
@@ -615,6 +616,7 @@ def insert_outbox(
             created_at=now,
             attempts=0,
             next_attempt_at=now,
+            lease_until=lease_until,
         )
     )
     key = result.inserted_primary_key
@@ -623,13 +625,42 @@ def insert_outbox(
     return int(key[0])
 
 
-def undelivered(connection: Connection) -> list[OutboxItem]:
-    """Callbacks neither delivered nor given up, oldest first."""
-    rows = connection.execute(
-        outbox.select()
-        .where(outbox.c.delivered_at.is_(None), outbox.c.failed_at.is_(None))
+_UNFINISHED = (outbox.c.delivered_at.is_(None), outbox.c.failed_at.is_(None))
+
+
+def claim_undelivered(
+    connection: Connection,
+    *,
+    now: datetime,
+    lease_until: datetime,
+    held: Sequence[int],
+    limit: int,
+) -> list[OutboxItem]:
+    """In a write transaction: extend the lease of the callbacks this process ``held``, and
+    claim (lease until ``lease_until``) at most ``limit`` others that nobody holds (never
+    leased, as those a command wrote, or whose holder stopped renewing), oldest first.
+
+    Writers take turns (the audit head is locked first), so no two processes claim a row;
+    PostgreSQL's ``SKIP LOCKED`` keeps a claim from waiting on a row being delivered."""
+    if held:
+        connection.execute(
+            outbox.update()
+            .where(outbox.c.id.in_(held), *_UNFINISHED)
+            .values(lease_until=lease_until)
+        )
+    free = (
+        sa.select(outbox.c.id)
+        .where(*_UNFINISHED, sa.or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now))
         .order_by(outbox.c.id)
+        .limit(limit)
     )
+    if connection.dialect.name == "postgresql":
+        free = free.with_for_update(skip_locked=True)
+    ids = list(connection.execute(free).scalars())
+    if not ids:
+        return []
+    connection.execute(outbox.update().where(outbox.c.id.in_(ids)).values(lease_until=lease_until))
+    rows = connection.execute(outbox.select().where(outbox.c.id.in_(ids)).order_by(outbox.c.id))
     return [
         OutboxItem(
             id=row.id,

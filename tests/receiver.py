@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import h11
 import msgspec
@@ -72,3 +73,27 @@ class Receiver:
                     connection.start_next_cycle()
                 else:
                     return
+
+
+@contextlib.contextmanager
+def receiving(receiver: Receiver) -> Iterator[Receiver]:
+    """``receiver`` serving in a thread of its own (for tests that are not Trio's)."""
+    ready = threading.Event()
+    token: list[trio.lowlevel.TrioToken] = []
+    cancel = trio.CancelScope()
+
+    async def receive() -> None:
+        token.append(trio.lowlevel.current_trio_token())
+        with cancel:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(receiver.serve)
+                ready.set()
+
+    thread = threading.Thread(target=trio.run, args=(receive,), daemon=True)
+    thread.start()
+    ready.wait(timeout=30)
+    try:
+        yield receiver
+    finally:
+        trio.from_thread.run_sync(cancel.cancel, trio_token=token[0])
+        thread.join(timeout=30)

@@ -24,7 +24,6 @@ Afterwards every transaction is read back, the callbacks are awaited, and the ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import signal
@@ -35,21 +34,19 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import httpx
-import trio
 
 from api import wire
 from loadtests.run import free_port
 from sdk.client import ApiError, Client, Payee
 from sdk.device import Device
 from tests.e2e.serving import prepare, start
-from tests.receiver import Receiver
+from tests.receiver import Receiver, receiving
 
 #: How late an expiry may be, beyond its time or the restart that follows it.
 EXPIRY_GRACE_SECONDS = 3.0
@@ -120,7 +117,7 @@ class Crashtest:
     # -- the run ------------------------------------------------------------------------
 
     def run(self, cycles: int, *, between: tuple[float, float]) -> Report:
-        with self._receiving():
+        with receiving(self.receiver):
             # The receiver listens on the loopback interface.
             self.access_key = prepare(
                 self.directory,
@@ -164,29 +161,6 @@ class Crashtest:
         restarted = start(self.directory, self.port)
         self.downtimes.append((killed_at, time.time()))
         return restarted
-
-    @contextlib.contextmanager
-    def _receiving(self) -> Iterator[None]:
-        """The relying party's callback endpoint, in a thread of its own."""
-        ready = threading.Event()
-        token: list[trio.lowlevel.TrioToken] = []
-        cancel = trio.CancelScope()
-
-        async def receive() -> None:
-            token.append(trio.lowlevel.current_trio_token())
-            with cancel:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(self.receiver.serve)
-                    ready.set()
-
-        thread = threading.Thread(target=trio.run, args=(receive,), daemon=True)
-        thread.start()
-        ready.wait(timeout=30)
-        try:
-            yield
-        finally:
-            trio.from_thread.run_sync(cancel.cancel, trio_token=token[0])
-            thread.join(timeout=30)
 
     # -- the clients --------------------------------------------------------------------
 

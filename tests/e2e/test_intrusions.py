@@ -29,12 +29,14 @@ import pytest
 from api.device_auth import sign_headers
 from api.wire import Introspection, Started
 from engine.model import UserVerification
+from loadtests.run import free_port
 from sdk.client import ApiError, Client
 from sdk.device import Device
-from tests.e2e.serving import Server, serving
+from tests.e2e.serving import Server, prepare, serving, start
 from tests.e2e.test_attacks import PROBLEM, SHOP, audit
 from tests.e2e.test_flows import enrolled, new_username
 from tests.e2e.test_refusals import saturated
+from tests.receiver import Receiver, receiving
 
 INVALID_INPUT = "https://tapsign.dev/problems/invalid-input"
 FORBIDDEN = "https://tapsign.dev/problems/forbidden"
@@ -512,3 +514,51 @@ def _signed(phone: Device, path: str) -> dict[str, str]:
         path=path,
         body=b"",
     )
+
+
+def test_3_a_user_ended_by_the_operator_keeps_nothing_pending(tmp_path: Path) -> None:
+    """``tapsign users deactivate|delete`` against a running server (two worker processes):
+    what the user had pending is cancelled at once, with its callbacks, and a payment
+    fetched before can no longer be approved."""
+    with receiving(Receiver()) as receiver:
+        directory = tmp_path / "server"
+        access_key = prepare(
+            directory,
+            config="[callbacks]\nallow_private_networks = true\nrescan_seconds = 0.5\n",
+            callback_url=receiver.url(),
+        )
+        port = free_port()
+        process = start(directory, port, workers=2)
+        server = Server(url=f"http://127.0.0.1:{port}", access_key=access_key, directory=directory)
+        try:
+            with Client(server.url, access_key) as client:
+                for action in ("deactivate", "delete"):
+                    with closing(Device(server.url)) as phone:
+                        username = enrolled(client, phone)
+                        payment = client.approve(
+                            username=username, amount="99.00", currency="EUR", payee=SHOP
+                        )
+                        (operation,) = phone.pending()
+                        server.tapsign("users", action, username)
+                        status = client.status(payment.status_token)
+                        assert (status.status, status.reason) == ("failed", "cancelled")
+                        with pytest.raises(ApiError):
+                            phone.approve(operation)
+                        assert client.status(payment.status_token).reason == "cancelled"
+                    _until_received(receiver, payment.transaction_id, "transaction.cancelled")
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    cancelled = [entry for entry in audit(server, "operation.cancelled") if entry[0] == "admin"]
+    assert len(cancelled) == 2
+
+
+def _until_received(receiver: Receiver, transaction: UUID, event: str) -> None:
+    deadline = time.monotonic() + 30
+    while not any(
+        received.headers["tapsign-event"] == event
+        and json.loads(received.body)["transactionId"] == str(transaction)
+        for received in list(receiver.received)
+    ):
+        assert time.monotonic() < deadline, f"no {event} callback for {transaction}"
+        time.sleep(0.1)

@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from engine.callbacks import check_callback_url
 from engine.errors import InvalidInput
-from engine.model import FailureReason, OperationKind, OperationRequest, Phase
+from engine.model import FailureReason, OperationKind, OperationRequest, Phase, utc_now
 from engine.schema import outbox
-from engine.service import Engine
+from engine.service import Engine, end_user
 from engine.settings import CallbackSettings
 from hsm.keyring import Keyring
 from sdk.device import Authenticator
@@ -326,21 +326,51 @@ async def test_undelivered_callbacks_survive_a_restart(
     engine_factory: EngineFactory, receiver: Receiver
 ) -> None:
     receiver.status = lambda path: 500
-    async with engine_factory(
-        CallbackSettings(first_retry_seconds=3600, allow_private_networks=True)
-    ) as first:
+    # Short leases: the restarted process takes the rows up once its predecessor's run out.
+    settings = CallbackSettings(
+        first_retry_seconds=3600, rescan_seconds=0.2, allow_private_networks=True
+    )
+    async with engine_factory(settings) as first:
         _, user_id = await enrol(first)
         operation_id = await start(first, user_id, receiver.url())
         await first.supervisor.cancel(operation_id)
         await until(receiver, 1)
     receiver.status = lambda path: 200
-    async with engine_factory() as second:
+    async with engine_factory(settings) as second:
         second_try = await until(receiver, 2)
         first_delivery, second_delivery = (r.headers["tapsign-delivery"] for r in second_try)
         assert first_delivery == second_delivery
         await delivered(second, 1)
         assert outbox_rows(second)[0].delivered_at is not None
         assert (await second.supervisor.get(operation_id)).phase is Phase.CANCELLED
+
+
+async def test_each_callback_goes_out_once_from_one_of_several_processes(
+    engine_factory: EngineFactory, receiver: Receiver
+) -> None:
+    """Two processes on one database: a callback a command wrote (no process holds it) is
+    delivered by one of them, once; one a process wrote and still holds (its receiver
+    failing) is not taken by the other."""
+    settings = CallbackSettings(
+        first_retry_seconds=3600, rescan_seconds=0.1, allow_private_networks=True
+    )
+    async with engine_factory(settings) as first, engine_factory(settings) as second:
+        _, user_id = await enrol(first)
+        receiver.status = lambda path: 500 if path == "/held" else 200
+        held = await start(first, user_id, receiver.url("/held"))
+        await first.supervisor.cancel(held)
+        await until(receiver, 1)
+        commanded = await start(first, user_id, receiver.url("/commanded"))
+        # What tapsign users deactivate does, from outside both processes.
+        await end_user(first.store, user_id, delete=False, actor="admin", clock=utc_now, lease=None)
+        with trio.fail_after(10):
+            while not [r for r in receiver.received if r.path == "/commanded"]:
+                await receiver.arrived.wait()
+        await trio.sleep(1)  # ten rescans of each
+        assert [r.path for r in receiver.received] == ["/held", "/commanded"]
+        assert (await second.supervisor.get(commanded)).phase is Phase.CANCELLED
+        queued = {engine: engine.callbacks.statistics().queued for engine in (first, second)}
+        assert queued == {first: 1, second: 0}  # the failing one stays with its writer
 
 
 async def test_the_webhook_dispatcher_asks_the_relying_party_to_push(

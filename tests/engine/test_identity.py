@@ -18,8 +18,9 @@ from engine.errors import (
     UserNotFound,
 )
 from engine.identity import Identity
-from engine.model import Device, DeviceStatus, UserStatus
+from engine.model import Device, DeviceStatus, UserStatus, utc_now
 from engine.schema import audit_log, users
+from engine.service import end_user
 from engine.store import Store
 
 
@@ -125,7 +126,10 @@ async def test_lock_unlock_and_final_deactivation(identity: Identity, store: Sto
     # Unlocked, the user is active again because it has devices.
     assert (await identity.unlock_user(user.id, actor="admin")).status is UserStatus.ACTIVE
 
-    deactivated = await identity.deactivate_user(user.id, actor="admin")
+    deactivated, _ = await end_user(
+        store, user.id, delete=False, actor="admin", clock=utc_now, lease=None
+    )
+    assert deactivated is not None
     assert deactivated.status is UserStatus.DEACTIVATED
     devices = await identity.list_devices(user.id)
     assert {device.id for device in devices} == {first.id, second.id}
@@ -155,7 +159,7 @@ async def test_delete_removes_user_and_devices_but_not_the_audit_trail(
 ) -> None:
     user = await identity.create_user("erin", actor="admin")
     add_device(store, user.id)
-    await identity.delete_user(user.id, actor="admin")
+    await end_user(store, user.id, delete=True, actor="admin", clock=utc_now, lease=None)
     with pytest.raises(UserNotFound):
         await identity.get_user(user.id)
     entries, head, _ = await store.read(db.read_audit)
