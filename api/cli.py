@@ -430,7 +430,11 @@ def _server_for_demo() -> Iterator[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tapsign", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tapsign",
+        description="tapsign: the server, its keys in the HSM, access keys, users and devices, "
+        "the database, the audit trail, benchmarks and a demo.",
+    )
     parser.add_argument(
         "--config", help="TOML configuration file (default: $TAPSIGN_CONFIG or ./tapsign.toml)"
     )

@@ -8,11 +8,13 @@ whose amount was changed after the user saw it, which must fail.
 from __future__ import annotations
 
 import secrets
+import textwrap
 from collections.abc import Callable
 
 import jwt
 import msgspec
 
+from api import wire
 from api.wire import Payee
 from sdk.client import Client
 from sdk.device import Device
@@ -37,6 +39,11 @@ def _expect(condition: bool, message: str) -> None:
         raise DemoFailed(message)
 
 
+def shows(phone: Device, operation: wire.DeviceOperation) -> str:
+    """What the phone shows, line by line, indented under the step."""
+    return "   the phone shows:\n" + textwrap.indent(phone.show(operation), "     | ")
+
+
 def _demo(client: Client, phone: Device, username: str, say: Callable[[str], None]) -> None:
     say(f"1. enrol user {username}: the relying party asks for a registration")
     enrolled = client.enroll(username=username, message="Welcome to the tapsign demo")
@@ -50,7 +57,7 @@ def _demo(client: Client, phone: Device, username: str, say: Callable[[str], Non
     say("2. log in: an authentication, fetched by the phone over signed requests")
     started = client.approve(username=username, message="Log in to Demo Bank")
     (operation,) = phone.pending()
-    say(f"   the phone shows: {phone.show(operation)!r}")
+    say(shows(phone, operation))
     phone.approve(operation)
     status = client.wait_for_result(started.status_token)
     _expect(status.status == "succeeded" and status.token is not None, "login did not succeed")
@@ -70,7 +77,7 @@ def _demo(client: Client, phone: Device, username: str, say: Callable[[str], Non
         post_operation_context="receipt no. 1042",
     )
     (operation,) = phone.pending()
-    say(f"   the phone shows: {phone.show(operation)!r}")
+    say(shows(phone, operation))
     answer = phone.approve(operation)
     status = client.wait_for_result(started.status_token)
     _expect(status.status == "succeeded", f"payment ended {status.status}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import html
+import re
 from typing import Any
 
 import msgspec
@@ -40,6 +41,7 @@ def openapi_document(base_url: str) -> dict[str, Any]:
     schemas, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
     )
+    components = _with_markdown(components)
     schema_of = dict(zip((id(kind) for kind in types), schemas, strict=True))
     problem = {"application/problem+json": {"schema": schema_of[id(Problem)]}}
     paths: dict[str, dict[str, Any]] = {}
@@ -52,7 +54,7 @@ def openapi_document(base_url: str) -> dict[str, Any]:
             .replace(".", "")
             .replace("-", "_"),
             "summary": spec.summary,
-            "description": spec.description,
+            "description": _markdown(spec.description),
             "tags": [spec.tag],
             "security": _SECURITY[spec.auth],
             "responses": {
@@ -71,10 +73,8 @@ def openapi_document(base_url: str) -> dict[str, Any]:
                 }
                 for name in spec.path_parameters
             ]
-        if spec.path == "/api/v1/users" and spec.method == "GET":
-            operation["parameters"] = [
-                {"name": "username", "in": "query", "required": True, "schema": {"type": "string"}}
-            ]
+        if (spec.method, spec.path) in _QUERIES:
+            operation["parameters"] = _QUERIES[spec.method, spec.path]
         if spec.form:
             operation["requestBody"] = {
                 "required": True,
@@ -164,7 +164,7 @@ def api_page(base_url: str) -> str:
             parts.append(
                 f"<h3><code>{method.upper()} {html.escape(path)}</code></h3>"
                 f"<p><b>{html.escape(operation['summary'])}</b>. "
-                f"{html.escape(operation['description'])}</p>"
+                f"{_code_spans(html.escape(operation['description']))}</p>"
             )
             schemes = [next(iter(option)) for option in operation["security"]]
             parts.append(f"<p>Authentication: {', '.join(schemes) or 'none'}</p>")
@@ -185,7 +185,7 @@ def _fields_table(title: str, schema: dict[str, Any], components: dict[str, Any]
     rows = "".join(
         f"<tr><td><code>{html.escape(name)}</code></td>"
         f"<td>{'yes' if name in required else ''}</td>"
-        f"<td>{html.escape(_type_name(field))}</td></tr>"
+        f"<td>{html.escape(_type_name(field, components))}</td></tr>"
         for name, field in properties.items()
     )
     return (
@@ -193,9 +193,61 @@ def _fields_table(title: str, schema: dict[str, Any], components: dict[str, Any]
     )
 
 
-def _type_name(field: dict[str, Any]) -> str:
+def _type_name(field: dict[str, Any], components: dict[str, Any]) -> str:
+    """A field's type for a reader: an enumeration as its values, a record by its name."""
     if "$ref" in field:
-        return str(field["$ref"]).rsplit("/", 1)[-1]
+        name = str(field["$ref"]).rsplit("/", 1)[-1]
+        target = components.get(name, {})
+        return _type_name(target, components) if "enum" in target else name
+    if "enum" in field:
+        return " or ".join(msgspec.json.encode(value).decode() for value in field["enum"])
     if "anyOf" in field:
-        return " or ".join(_type_name(option) for option in field["anyOf"])
+        return " or ".join(_type_name(option, components) for option in field["anyOf"])
     return str(field.get("type", "any"))
+
+
+#: The query parameters of the routes that have some.
+_QUERIES: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("GET", "/api/v1/users"): [
+        {"name": "username", "in": "query", "required": True, "schema": {"type": "string"}}
+    ],
+    ("GET", "/device/v1/operations"): [
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 50, "default": 10},
+        },
+        {
+            "name": "after",
+            "in": "query",
+            "required": False,
+            "description": "The `next` of the previous page",
+            "schema": {"type": "string"},
+        },
+    ],
+}
+
+
+def _with_markdown(schema: Any) -> Any:
+    """``schema`` with every description (the wire types' docstrings) in CommonMark."""
+    if isinstance(schema, dict):
+        return {
+            key: _markdown(value)
+            if key == "description" and isinstance(value, str)
+            else _with_markdown(value)
+            for key, value in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_with_markdown(item) for item in schema]
+    return schema
+
+
+def _markdown(docstring: str) -> str:
+    """A route's docstring (reStructuredText literals) as the CommonMark OpenAPI reads."""
+    return re.sub(r"``(.+?)``", r"`\1`", docstring, flags=re.DOTALL)
+
+
+def _code_spans(text: str) -> str:
+    """CommonMark code spans as HTML, in text already escaped."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)

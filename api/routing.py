@@ -139,7 +139,8 @@ def decode_body(data: bytes, content_type: str | None, kind: Any) -> Any:
             str(exc).split(" - at ")[0], field=(found.group(1) or found.group(2)) if found else None
         ) from exc
     except msgspec.DecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from exc
+        # msgspec's own message may begin with its own "JSON is malformed: ".
+        raise BadRequest(f"malformed JSON: {str(exc).removeprefix('JSON is malformed: ')}") from exc
 
 
 async def record_refusal(services: Services, error: Unauthorized | Forbidden, actor: str) -> None:

@@ -196,6 +196,10 @@ def load_module(path: str, *, softhsm2_conf: str | None = None) -> _OsLockingLib
         except exceptions.PKCS11Error as exc:
             raise map_error(exc) from exc
         _modules[path] = module
+        # Loaded for the life of the process, never deallocated: at interpreter exit the
+        # garbage collector clears this subclass before its instance, whose Cython
+        # __dealloc__ then fails to find ``unload`` and prints a traceback per process.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(module))
         log.info("loaded PKCS#11 module %s (%s)", path, module.manufacturer_id)
         return module
 

@@ -297,6 +297,8 @@ def test_users_and_authenticators(client: Client, phone: Device) -> None:
 def test_the_demo_and_the_operator_commands(server: Server, client: Client, phone: Device) -> None:
     demo = server.tapsign("demo", "--url", server.url, "--access-key", server.access_key)
     assert demo.stdout.splitlines()[-1] == "demo complete: every step behaved as it must"
+    assert "     | pay 42.00 EUR to Coffee Shop (DE89 3704 0044 0532 0130 00)" in demo.stdout
+    assert "\\n" not in demo.stdout
     assert "failed (bad-signature)" in demo.stdout
 
     username = enrolled(client, phone)

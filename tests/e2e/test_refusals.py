@@ -293,6 +293,22 @@ def test_health_metrics_jwks_and_docs(server: Server) -> None:
     assert {key["use"] for key in jwks.json()["keys"]} == {"sig"}
     page = httpx.get(f"{server.url}/docs").text
     assert "POST /api/v1/approval" in page
+    # Literals as code, not reStructuredText; enumerations with their values.
+    assert "``" not in page
+    assert "<code>enrollment.qrCode</code>" in page
+    assert "&quot;approve&quot; or &quot;decline&quot;" in page
+    assert "``" not in json.dumps(httpx.get(f"{server.url}/openapi.json").json())
+    # A malformed body is told what is wrong, once.
+    for body, detail in (
+        (b"{", "malformed JSON: Input data was truncated"),
+        (b"{]", "malformed JSON: object keys must be strings (byte 1)"),
+    ):
+        refused = httpx.post(
+            f"{server.url}/api/v1/status",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        assert refused.json()["detail"] == detail
 
 
 def _metric(server: Server, name: str) -> float:
