@@ -50,13 +50,14 @@ fuzz: setup
 	@echo "==> fuzzing: $(FUZZ_EXAMPLES) cases per route and per property"
 	TAPSIGN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TAPSIGN_FUZZ_DATABASES=sqlite,postgresql \
 	  $(BIN)/pytest -s -p no:cacheprovider \
-	  tests/e2e/test_fuzz.py tests/api/test_messages.py tests/engine/test_payload.py
+	  tests/e2e/test_fuzz.py tests/sdk/test_messages.py tests/sdk/test_payload.py
 
 lint: venv
-	@echo "==> ruff check, ruff format --check, mypy --strict"
+	@echo "==> ruff check, ruff format --check, mypy --strict, import contracts"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 setup: system-packages venv hsm db
 
@@ -65,12 +66,12 @@ system-packages:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py hsm/_p256.c
+$(VENV)/.installed: pyproject.toml setup.py hsm/_p256.c sdk/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 	  || { echo "tapsign needs Python 3.11 or newer; set PYTHON=/path/to/python3.11" >&2; exit 1; }
 	@echo "==> creating $(VENV) and installing tapsign with its development tools"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ./sdk -e '.[dev]'
 	@touch $@
 
 hsm: system-packages venv

@@ -19,13 +19,13 @@ from collections.abc import Iterable
 from sqlalchemy.engine import Connection
 
 from api.recent import Recent
-from api.wire import CALLBACK_URL
 from engine import store as db
 from engine.callbacks import check_destination
-from engine.errors import InvalidInput, NotFound, Unauthorized
 from engine.model import Clock
 from engine.settings import CallbackSettings
 from engine.store import AccessKeyRecord, Store
+from tapsign_sdk.problems import InvalidInput, NotFound, Unauthorized
+from tapsign_sdk.wire import CALLBACK_URL
 
 SCOPES = frozenset({"users", "operations", "introspect"})
 PREFIX = "tsk"

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 from uuid import UUID
 
-from engine.errors import Overloaded
+from tapsign_sdk.problems import Overloaded
 
 K = TypeVar("K", bound=Hashable)
 

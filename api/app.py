@@ -28,8 +28,8 @@ from api.exchange import CompleteExchanges
 from api.metrics import metrics_text
 from api.openapi import api_page, openapi_document
 from api.routing import Auth, Call, Services, problem_response, record_refusal, route
-from engine.errors import Forbidden, ServiceUnavailable, TapsignError, Unauthorized
 from hsm.keyring import KeyPurpose
+from tapsign_sdk.problems import Forbidden, ServiceUnavailable, TapsignError, Unauthorized
 
 log = logging.getLogger(__name__)
 

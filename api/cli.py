@@ -33,7 +33,6 @@ from api.server import hypercorn_config, serve
 from api.settings import Settings, load_settings
 from engine.audit import CHECKPOINT_AUDIENCE, AuditEntry, verify_chain, verify_checkpoint
 from engine.benchmark import bench_memory
-from engine.errors import TapsignError
 from engine.identity import Identity
 from engine.model import Device, User, utc_now
 from engine.peers import announce_to
@@ -47,7 +46,8 @@ from hsm.pkcs11_token import initialise_token
 from hsm.settings import read_pin
 from hsm.tokens import TokenSigner
 from hsm.verify_backends import make_verify_backend
-from sdk.client import ApiError
+from tapsign_sdk.client import ApiError
+from tapsign_sdk.problems import TapsignError
 
 SO_PIN_ENVIRONMENT_VARIABLE = "TAPSIGN_HSM_SO_PIN"
 T = TypeVar("T")

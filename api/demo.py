@@ -14,10 +14,10 @@ from collections.abc import Callable
 import jwt
 import msgspec
 
-from api import wire
-from api.wire import Payee
-from sdk.client import Client
-from sdk.device import Device
+from tapsign_sdk import wire
+from tapsign_sdk.client import Client
+from tapsign_sdk.device import Device
+from tapsign_sdk.wire import Payee
 
 
 class DemoFailed(Exception):

@@ -1,8 +1,9 @@
 """The device API (``/device/v1``): what a phone calls (docs/reference/device-protocol.md).
 
 An enrolled phone authenticates every request by signing it with its device key
-(api/device_auth.py); a phone holding a dispatch token (QR code, app link) may redeem it
-and answer that one transaction with it, which is how a registration is answered.
+(tapsign_sdk/request.py, checked by api/device_auth.py); a phone holding a dispatch token
+(QR code, app link) may redeem it and answer that one transaction with it, which is how a
+registration is answered.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from uuid import UUID
 
 from quart import Quart, request
 
-from api import wire
 from api.routing import Auth, Call, Services, route
 from engine.actors import NOT_THIS_DEVICES
-from engine.errors import InvalidInput, OperationNotFound, OperationNotPending
-from engine.model import DeviceAnswer, FailureReason, Operation
-from engine.payload import FORMAT
+from engine.errors import OperationNotFound, OperationNotPending
+from engine.model import FailureReason, Operation
 from engine.tokens import TokenKind
+from tapsign_sdk import wire
+from tapsign_sdk.model import DeviceAnswer
+from tapsign_sdk.payload import FORMAT
+from tapsign_sdk.problems import InvalidInput
 
 
 def device_view(operation: Operation) -> wire.DeviceOperation:

@@ -1,24 +1,12 @@
-"""Device requests signed with the device key: no bearer secret lives on the phone.
+"""Checking device requests signed with the device key (the request's canonical form is
+the protocol's: tapsign_sdk/request.py; docs/reference/device-protocol.md).
 
-An enrolled phone signs each request to the device API (fetching its pending operations,
-answering one) with its P-256 key over::
-
-    tapsign-device-request/1
-    <METHOD>
-    <path, with its query string>
-    <timestamp: unix seconds>
-    <nonce: 16 to 64 base64url characters>
-    <base64url SHA-256 of the body, empty body included>
-
-joined by ``\\n``, and sends ``Tapsign-Authenticator`` (its id), ``Tapsign-Timestamp``,
-``Tapsign-Nonce`` and ``Tapsign-Signature`` (DER or raw ``r || s``, base64url). The server
-accepts a timestamp within ``WINDOW`` of its clock and each nonce once in that window, so a
-captured request cannot be replayed (docs/reference/device-protocol.md).
-
-Nonces are remembered in the database (the table of consumed one-time tokens, keyed by a
-digest of the device and the nonce, kept for twice the window), so every process and every
-host on the database refuses a nonce once it has been used: a captured fetch replayed to
-another process shows nothing, and an answer's challenge is accepted once anyway.
+The server accepts a timestamp within ``WINDOW`` of its clock and each nonce once in that
+window, so a captured request cannot be replayed. Nonces are remembered in the database (the
+table of consumed one-time tokens, keyed by a digest of the device and the nonce, kept for
+twice the window), so every process and every host on the database refuses a nonce once it
+has been used: a captured fetch replayed to another process shows nothing, and an answer's
+challenge is accepted once anyway.
 """
 
 from __future__ import annotations
@@ -27,56 +15,28 @@ import base64
 import binascii
 import hashlib
 import re
-import secrets
-import time
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Protocol
 from uuid import UUID
 
 from api.recent import Recent
 from engine import store as db
-from engine.errors import NotFound, Unauthorized
 from engine.model import Clock, Device, DeviceStatus
 from engine.service import Engine
 from hsm.errors import InvalidPublicKey
+from tapsign_sdk.payload import b64url
+from tapsign_sdk.problems import NotFound, Unauthorized
+from tapsign_sdk.request import (
+    HEADER_AUTHENTICATOR,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+    canonical_request,
+)
 
+#: Seconds a device request's timestamp may differ from the server's clock.
 WINDOW = 60.0
-FORMAT = "tapsign-device-request/1"
 _NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-HEADER_AUTHENTICATOR = "Tapsign-Authenticator"
-HEADER_TIMESTAMP = "Tapsign-Timestamp"
-HEADER_NONCE = "Tapsign-Nonce"
-HEADER_SIGNATURE = "Tapsign-Signature"
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def canonical_request(method: str, path: str, timestamp: str, nonce: str, body: bytes) -> bytes:
-    """The bytes a phone signs for one request (defined here only; the SDK imports it)."""
-    lines = (FORMAT, method.upper(), path, timestamp, nonce, b64url(hashlib.sha256(body).digest()))
-    return "\n".join(lines).encode("utf-8")
-
-
-class Signer(Protocol):
-    def sign(self, payload: bytes) -> bytes: ...
-
-
-def sign_headers(
-    *, authenticator_id: UUID, signer: Signer, method: str, path: str, body: bytes
-) -> dict[str, str]:
-    """Headers of a signed device request (what the device SDK sends)."""
-    timestamp = str(int(time.time()))
-    nonce = secrets.token_urlsafe(18)
-    signature = signer.sign(canonical_request(method, path, timestamp, nonce, body))
-    return {
-        HEADER_AUTHENTICATOR: str(authenticator_id),
-        HEADER_TIMESTAMP: timestamp,
-        HEADER_NONCE: nonce,
-        HEADER_SIGNATURE: b64url(signature),
-    }
 
 
 class DeviceRequests:

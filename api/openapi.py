@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from api.routing import ROUTES, Auth, RouteSpec
-from api.wire import Problem
+from tapsign_sdk.wire import Problem
 
 _SECURITY: dict[Auth, list[dict[str, list[str]]]] = {
     Auth.NONE: [],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import segno
 
-from api.wire import QrCode
+from tapsign_sdk.wire import QrCode
 
 TARGET_PIXELS = 300
 

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-from engine.errors import TooManyRequests
+from tapsign_sdk.problems import TooManyRequests
 
 K = TypeVar("K", bound=Hashable)
 

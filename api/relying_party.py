@@ -15,32 +15,18 @@ import msgspec
 import trio
 from quart import Quart, request
 
-from api import wire
 from api.qr import qr_code
 from api.recent import Recent
 from api.routing import Auth, Call, Services, record_refusal, route
 from engine.actors import check_request
 from engine.callbacks import check_callback_url
-from engine.errors import (
-    Forbidden,
-    InvalidInput,
-    OperationNotFound,
-    TapsignError,
-    Unauthorized,
-    UserNotFound,
-)
-from engine.model import (
-    Device,
-    DeviceStatus,
-    Operation,
-    OperationKind,
-    OperationRequest,
-    Payee,
-    Payment,
-    User,
-)
+from engine.errors import OperationNotFound, UserNotFound
+from engine.model import Device, DeviceStatus, Operation, OperationRequest, Payee, Payment, User
 from engine.store import AccessKeyRecord
 from engine.tokens import INTENT_LIFETIME, STATUS_GRACE, TokenKind
+from tapsign_sdk import wire
+from tapsign_sdk.model import OperationKind
+from tapsign_sdk.problems import Forbidden, InvalidInput, TapsignError, Unauthorized
 
 LONG_POLL_LIMIT = 30.0
 #: What a front end holding an intent token may set itself: which of the intent's user's

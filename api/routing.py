@@ -26,9 +26,12 @@ from api.admission import Admission, LongPolls
 from api.device_auth import DeviceRequests
 from api.ratelimit import RateLimit
 from api.tokens import Tokens
-from api.wire import Problem
 from engine import store as db
-from engine.errors import (
+from engine.model import Clock, Device
+from engine.service import Engine
+from engine.store import AccessKeyRecord
+from engine.tokens import TokenKind
+from tapsign_sdk.problems import (
     BadRequest,
     Forbidden,
     InvalidInput,
@@ -36,10 +39,7 @@ from engine.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from engine.model import Clock, Device
-from engine.service import Engine
-from engine.store import AccessKeyRecord
-from engine.tokens import TokenKind
+from tapsign_sdk.wire import Problem
 
 log = logging.getLogger(__name__)
 security = logging.getLogger("tapsign.security")

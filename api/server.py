@@ -22,7 +22,6 @@ from api.ratelimit import RateLimit
 from api.routing import Services
 from api.settings import Settings, read_metrics_token
 from api.tokens import Tokens
-from engine.errors import ConfigurationError
 from engine.model import utc_now
 from engine.service import Engine
 from hsm.errors import KeyNotFound
@@ -30,6 +29,7 @@ from hsm.keyring import KeyPurpose, open_keyring
 from hsm.settings import read_pin
 from hsm.verifier import BatchVerifier
 from hsm.verify_backends import make_verify_backend
+from tapsign_sdk.problems import ConfigurationError
 
 log = logging.getLogger(__name__)
 

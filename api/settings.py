@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import msgspec
 
-from engine.errors import ConfigurationError
 from engine.settings import (
     AttestationSettings,
     CallbackSettings,
@@ -27,6 +26,7 @@ from engine.settings import (
     OperationSettings,
 )
 from hsm.settings import HsmSettings, VerifierSettings
+from tapsign_sdk.problems import ConfigurationError
 
 ENVIRONMENT_PREFIX = "TAPSIGN_"
 DEFAULT_CONFIG_FILE = "tapsign.toml"

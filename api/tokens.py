@@ -16,13 +16,13 @@ import jwt
 import trio
 
 from engine import store as db
-from engine.errors import Unauthorized
 from engine.model import Clock
 from engine.store import Store
 from engine.tokens import TokenKind, token_claims
 from hsm.errors import InvalidToken
 from hsm.keyring import KeyPurpose, Keyring
 from hsm.tokens import TokenSigner
+from tapsign_sdk.problems import Unauthorized
 
 
 class Tokens:

@@ -47,13 +47,10 @@ from engine.attestation import AttestationRefused, Attestor
 from engine.callbacks import outbox_row
 from engine.dispatch import Dispatcher
 from engine.errors import (
-    Conflict,
     DeviceNotActive,
     IllegalTransition,
-    InvalidInput,
     OperationNotFound,
     OperationNotPending,
-    ServiceUnavailable,
     TooManyAuthenticators,
     TooManyPending,
     UserNotActive,
@@ -61,17 +58,12 @@ from engine.errors import (
 )
 from engine.identity import check_username, new_user
 from engine.model import (
-    MAX_CONSENT_TEXT,
-    MAX_CONTEXT,
-    MAX_MESSAGE,
     AnswerResult,
     Clock,
     Device,
-    DeviceAnswer,
     DeviceStatus,
     FailureReason,
     Operation,
-    OperationKind,
     OperationRequest,
     Phase,
     User,
@@ -91,7 +83,6 @@ from engine.operations import (
     judge,
     precheck,
 )
-from engine.payload import b64url, signed_payload
 from engine.peers import Peers
 from engine.settings import MIN_SECONDS, PSD2_MAX_SECONDS, OperationSettings
 from engine.store import OutboxItem, Store
@@ -100,6 +91,15 @@ from hsm import ecdsa
 from hsm.keyring import Keyring
 from hsm.tokens import TokenSigner
 from hsm.verifier import BatchVerifier
+from tapsign_sdk.model import (
+    MAX_CONSENT_TEXT,
+    MAX_CONTEXT,
+    MAX_MESSAGE,
+    DeviceAnswer,
+    OperationKind,
+)
+from tapsign_sdk.payload import b64url, signed_payload
+from tapsign_sdk.problems import Conflict, InvalidInput, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 

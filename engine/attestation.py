@@ -42,14 +42,14 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from engine.errors import ConfigurationError
-from engine.model import (
+from engine.settings import AttestationSettings
+from tapsign_sdk.model import (
     MAX_CERTIFICATE_CHAIN,
     AndroidKeyAttestation,
     AppleAppAttestation,
     Attestation,
 )
-from engine.settings import AttestationSettings
+from tapsign_sdk.problems import ConfigurationError
 
 log = logging.getLogger(__name__)
 

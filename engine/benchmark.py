@@ -22,22 +22,13 @@ import trio
 import trio.testing
 
 from engine import store as db
-from engine.model import (
-    Device,
-    DeviceStatus,
-    Operation,
-    OperationKind,
-    Payee,
-    Payment,
-    Phase,
-    User,
-    UserStatus,
-)
+from engine.model import Device, DeviceStatus, Operation, Payee, Payment, Phase, User, UserStatus
 from engine.service import Engine
 from engine.settings import DatabaseSettings, EngineSettings
 from hsm.keyring import Keyring
 from hsm.verifier import BatchVerifier
 from hsm.verify_backends import OpenSSLVerifyBackend
+from tapsign_sdk.model import OperationKind
 
 
 class MemoryReport(msgspec.Struct, frozen=True, kw_only=True):

@@ -53,12 +53,12 @@ import trio
 from sqlalchemy.engine import Connection
 
 from engine import store as db
-from engine.errors import InvalidInput, ServiceUnavailable
 from engine.model import Clock, Operation
-from engine.payload import b64url
 from engine.settings import CallbackSettings
 from engine.store import OutboxItem, Store
 from hsm.keyring import KeyPurpose, Keyring
+from tapsign_sdk.payload import b64url
+from tapsign_sdk.problems import InvalidInput, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 

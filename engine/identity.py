@@ -30,24 +30,19 @@ from engine import store as db
 from engine.errors import (
     DeviceNotActive,
     DeviceNotFound,
-    InvalidInput,
     UsernameTaken,
     UserNotActive,
     UserNotFound,
 )
-from engine.model import (
+from engine.model import Clock, Device, DeviceStatus, User, UserStatus, utc_now
+from engine.store import Store
+from tapsign_sdk.model import (
     ATTRIBUTE_KEY_PATTERN,
     MAX_ATTRIBUTE_VALUE,
     MAX_ATTRIBUTES,
     USERNAME_PATTERN,
-    Clock,
-    Device,
-    DeviceStatus,
-    User,
-    UserStatus,
-    utc_now,
 )
-from engine.store import Store
+from tapsign_sdk.problems import InvalidInput
 
 _USERNAME = re.compile(USERNAME_PATTERN)
 _ATTRIBUTE_KEY = re.compile(ATTRIBUTE_KEY_PATTERN)

@@ -39,14 +39,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from engine.errors import IllegalTransition
-from engine.model import (
-    Decision,
-    DeviceStatus,
-    FailureReason,
-    Phase,
-    UserStatus,
-    UserVerification,
-)
+from engine.model import DeviceStatus, FailureReason, Phase, UserStatus
+from tapsign_sdk.model import Decision, UserVerification
 
 
 @dataclass(frozen=True, slots=True)

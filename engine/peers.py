@@ -31,7 +31,7 @@ from uuid import UUID
 import msgspec
 import trio
 
-from engine.errors import ConfigurationError
+from tapsign_sdk.problems import ConfigurationError
 
 log = logging.getLogger(__name__)
 

@@ -39,20 +39,16 @@ from sqlalchemy.engine import Connection, Engine
 
 from engine import audit
 from engine.audit import AuditEntry
-from engine.errors import InvalidInput, ServiceUnavailable
 from engine.model import (
-    Decision,
     Device,
     DeviceStatus,
     FailureReason,
     Operation,
-    OperationKind,
     Payee,
     Payment,
     Phase,
     User,
     UserStatus,
-    UserVerification,
 )
 from engine.schema import (
     access_keys,
@@ -65,6 +61,8 @@ from engine.schema import (
     users,
 )
 from engine.settings import DatabaseSettings
+from tapsign_sdk.model import Decision, OperationKind, UserVerification
+from tapsign_sdk.problems import InvalidInput, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 

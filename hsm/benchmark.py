@@ -31,12 +31,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from pkcs11 import Mechanism, Object
 
-from engine.errors import TapsignError
 from hsm import ecdsa
 from hsm.pkcs11_token import Pkcs11Token, PooledSession
 from hsm.settings import VerifierSettings
 from hsm.verifier import BatchVerifier, VerifierStatistics
 from hsm.verify_backends import VerifyBackend, VerifyItem, import_public_key
+from tapsign_sdk.problems import TapsignError
 
 WORKLOAD_KEYS = 1024
 

@@ -9,7 +9,7 @@ or programming fault that retrying will not fix).
 
 from __future__ import annotations
 
-from engine.errors import ServiceUnavailable, TapsignError
+from tapsign_sdk.problems import ServiceUnavailable, TapsignError
 
 
 class HsmError(TapsignError):

@@ -37,9 +37,9 @@ import msgspec
 import outcome
 import trio
 
-from engine.errors import Overloaded, ServiceUnavailable, TapsignError
 from hsm.errors import HsmPermanentError
 from hsm.verify_backends import Outcome, VerifyBackend, VerifyItem
+from tapsign_sdk.problems import Overloaded, ServiceUnavailable, TapsignError
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.types import VerifyMixin
 
-from engine.errors import ConfigurationError
 from hsm import _p256, ecdsa
 from hsm.errors import InvalidPublicKey
 from hsm.keyring import Keyring
 from hsm.keystores import Pkcs11KeyStore
 from hsm.pkcs11_token import Pkcs11Token, PooledSession, can_verify
 from hsm.settings import VerifierSettings
+from tapsign_sdk.problems import ConfigurationError
 
 #: ``(public key, message, signature)`` in any of the formats of :mod:`hsm.ecdsa`.
 VerifyItem = tuple[bytes, bytes, bytes]

@@ -24,10 +24,10 @@ from typing import Any
 
 import httpx
 
-from api.wire import Payee
 from loadtests.run import free_port, sample, start_server
-from sdk.client import Client
-from sdk.device import Device
+from tapsign_sdk.client import Client
+from tapsign_sdk.device import Device
+from tapsign_sdk.wire import Payee
 
 SHOP = Payee(name="Shop", account="DE89 3704 0044 0532 0130 00")
 

@@ -33,11 +33,11 @@ import msgspec
 from locust import FastHttpUser, constant, events, task
 from locust.env import Environment
 
-from api import wire
-from api.device_auth import sign_headers
-from engine.model import Decision
-from sdk.client import Client
-from sdk.device import Authenticator, Device, answer_message
+from tapsign_sdk import wire
+from tapsign_sdk.client import Client
+from tapsign_sdk.device import Authenticator, Device, answer_message
+from tapsign_sdk.model import Decision
+from tapsign_sdk.request import sign_headers
 
 ACCESS_KEY = os.environ.get("TAPSIGN_LOADTEST_ACCESS_KEY", "")
 SCENARIO = os.environ.get("TAPSIGN_LOADTEST_SCENARIO", "mixed")

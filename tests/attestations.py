@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from engine.attestation import APP_ATTEST_NONCE_OID, APPLE_AAGUIDS, KEY_DESCRIPTION_OID
-from engine.model import AndroidKeyAttestation, AppleAppAttestation
+from tapsign_sdk.model import AndroidKeyAttestation, AppleAppAttestation
 
 # -- DER -------------------------------------------------------------------------------
 

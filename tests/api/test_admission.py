@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from api.admission import Admission
-from engine.errors import Overloaded
+from tapsign_sdk.problems import Overloaded
 
 
 def test_new_transactions_are_refused_only_while_saturated() -> None:

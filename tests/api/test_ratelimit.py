@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from api.ratelimit import RateLimit
-from engine.errors import TooManyRequests
+from tapsign_sdk.problems import TooManyRequests
 
 
 class Clock:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from api.settings import load_settings
-from engine.errors import ConfigurationError
 from hsm.errors import HsmPermanentError
 from hsm.settings import HsmSettings, read_pin
+from tapsign_sdk.problems import ConfigurationError
 
 
 def test_defaults_are_the_embedded_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from sdk.client import Client
-from sdk.device import Device
+from tapsign_sdk.client import Client
+from tapsign_sdk.device import Device
 from tests.e2e.serving import Server, serving
 
 

@@ -41,10 +41,10 @@ from uuid import UUID
 
 import httpx
 
-from api import wire
 from loadtests.run import free_port
-from sdk.client import ApiError, Client, Payee
-from sdk.device import Device
+from tapsign_sdk import wire
+from tapsign_sdk.client import ApiError, Client, Payee
+from tapsign_sdk.device import Device
 from tests.e2e.serving import prepare, start
 from tests.receiver import Receiver, receiving
 

@@ -23,11 +23,11 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from api.device_auth import sign_headers
-from engine.model import DeviceAnswer
 from hsm.ecdsa import P256_ORDER, signature_scalars
-from sdk.client import Client, Payee
-from sdk.device import Authenticator, Device, answer_message
+from tapsign_sdk.client import Client, Payee
+from tapsign_sdk.device import Authenticator, Device, answer_message
+from tapsign_sdk.model import DeviceAnswer
+from tapsign_sdk.request import sign_headers
 from tests.e2e.serving import Server
 from tests.e2e.test_flows import enrolled
 

@@ -12,8 +12,8 @@ from functools import partial
 import httpx
 import pytest
 
-from sdk.client import Client
-from sdk.device import Attester, Authenticator, Device
+from tapsign_sdk.client import Client
+from tapsign_sdk.device import Attester, Authenticator, Device
 from tests.attestations import APP_ID, AndroidKeystore, AppAttestService, pem_file
 from tests.e2e.serving import Server, serving
 

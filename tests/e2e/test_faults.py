@@ -16,9 +16,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from api.wire import Started
-from sdk.client import ApiError, Client
-from sdk.device import Device
+from tapsign_sdk.client import ApiError, Client
+from tapsign_sdk.device import Device
+from tapsign_sdk.wire import Started
 from tests.e2e.serving import (
     database_config,
     postgres_schema,

@@ -12,9 +12,9 @@ import jwt
 import msgspec
 import pytest
 
-from api.wire import Introspection, Payee
-from sdk.client import ApiError, Client
-from sdk.device import Device
+from tapsign_sdk.client import ApiError, Client
+from tapsign_sdk.device import Device
+from tapsign_sdk.wire import Introspection, Payee
 from tests.e2e.serving import Server
 
 SHOP = Payee(name="Shop", account="DE89 3704 0044 0532 0130 00")

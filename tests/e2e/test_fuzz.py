@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from api.device_auth import sign_headers
-from sdk.client import Client
-from sdk.device import Device
+from tapsign_sdk.client import Client
+from tapsign_sdk.device import Device
+from tapsign_sdk.request import sign_headers
 from tests.e2e.serving import Server, postgres_schema, serving
 from tests.e2e.test_flows import enrolled
 

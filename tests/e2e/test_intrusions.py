@@ -26,12 +26,12 @@ import jwt
 import msgspec
 import pytest
 
-from api.device_auth import sign_headers
-from api.wire import Introspection, Started
-from engine.model import UserVerification
 from loadtests.run import free_port
-from sdk.client import ApiError, Client
-from sdk.device import Device
+from tapsign_sdk.client import ApiError, Client
+from tapsign_sdk.device import Device
+from tapsign_sdk.model import UserVerification
+from tapsign_sdk.request import sign_headers
+from tapsign_sdk.wire import Introspection, Started
 from tests.e2e.serving import Server, prepare, serving, start
 from tests.e2e.test_attacks import PROBLEM, SHOP, audit
 from tests.e2e.test_flows import enrolled, new_username

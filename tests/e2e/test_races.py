@@ -21,11 +21,11 @@ import msgspec
 import pytest
 import sqlalchemy as sa
 
-from api.device_auth import sign_headers
-from engine.model import Decision
 from loadtests.run import free_port
-from sdk.client import Client
-from sdk.device import Device, answer_message
+from tapsign_sdk.client import Client
+from tapsign_sdk.device import Device, answer_message
+from tapsign_sdk.model import Decision
+from tapsign_sdk.request import sign_headers
 from tests.e2e.serving import Server, database_config, postgres_schema, prepare, start
 from tests.e2e.test_attacks import answer_body, send_answer
 from tests.e2e.test_flows import enrolled, new_username

@@ -15,10 +15,10 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from api import wire
-from api.device_auth import canonical_request, sign_headers
-from sdk.client import ApiError, Client
-from sdk.device import Authenticator, Device
+from tapsign_sdk import wire
+from tapsign_sdk.client import ApiError, Client
+from tapsign_sdk.device import Authenticator, Device
+from tapsign_sdk.request import canonical_request, sign_headers
 from tests.e2e.serving import Server
 from tests.e2e.test_flows import enrolled
 

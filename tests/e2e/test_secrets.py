@@ -14,8 +14,8 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from sdk.client import ApiError, Client, Payee
-from sdk.device import Device
+from tapsign_sdk.client import ApiError, Client, Payee
+from tapsign_sdk.device import Device
 from tests.e2e.serving import serving
 
 POST_CONTEXT = "card PIN 4711-SECRET-93c1"

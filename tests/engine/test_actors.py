@@ -21,30 +21,27 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from engine import store as db
 from engine.errors import (
     DeviceNotActive,
-    InvalidInput,
     OperationNotFound,
     OperationNotPending,
     UserNotActive,
     UserNotFound,
 )
 from engine.model import (
-    Decision,
-    DeviceAnswer,
     DeviceStatus,
     FailureReason,
     Operation,
-    OperationKind,
     OperationRequest,
     Payee,
     Payment,
     Phase,
     UserStatus,
-    UserVerification,
 )
 from engine.schema import audit_log, operations, outbox
 from engine.service import Engine
 from hsm.keyring import Keyring
-from sdk.device import Authenticator
+from tapsign_sdk.device import Authenticator
+from tapsign_sdk.model import Decision, DeviceAnswer, OperationKind, UserVerification
+from tapsign_sdk.problems import InvalidInput
 from tests.engine.conftest import ISSUER, EngineFactory, clock_stopped
 
 PAYMENT = Payment(amount="42.00", currency="EUR", payee=Payee(name="Shop", account="DE89 3704"))

@@ -27,10 +27,10 @@ from engine.attestation import (
     der_items,
     load_roots,
 )
-from engine.errors import ConfigurationError
-from engine.model import AndroidKeyAttestation, AppleAppAttestation
 from engine.settings import AttestationSettings
-from sdk.device import Authenticator
+from tapsign_sdk.device import Authenticator
+from tapsign_sdk.model import AndroidKeyAttestation, AppleAppAttestation
+from tapsign_sdk.problems import ConfigurationError
 from tests.attestations import (
     APP_ID,
     NOW,

@@ -20,13 +20,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from engine.callbacks import check_callback_url
-from engine.errors import InvalidInput
-from engine.model import FailureReason, OperationKind, OperationRequest, Phase, utc_now
+from engine.model import FailureReason, OperationRequest, Phase, utc_now
 from engine.schema import outbox
 from engine.service import Engine, end_user
 from engine.settings import CallbackSettings
 from hsm.keyring import Keyring
-from sdk.device import Authenticator
+from tapsign_sdk.device import Authenticator
+from tapsign_sdk.model import OperationKind
+from tapsign_sdk.problems import InvalidInput
 from tests.engine.conftest import EngineFactory, clock_stopped
 from tests.receiver import Received, Receiver
 
@@ -282,7 +283,7 @@ def test_malformed_callback_urls_are_invalid_input(url: str) -> None:
 async def test_a_url_that_cannot_be_sent_to_fails_its_callback_only(
     engine: Engine, receiver: Receiver, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """The API refuses such URLs (api/wire.py); one stored before, or written by another
+    """The API refuses such URLs (tapsign_sdk/wire.py); one stored before, or written by another
     version, must not stop the deliverer and with it the engine."""
     with clock_stopped(autojump_clock):
         _, user_id = await enrol(engine)

@@ -12,7 +12,6 @@ from engine import store as db
 from engine.errors import (
     DeviceNotActive,
     DeviceNotFound,
-    InvalidInput,
     UsernameTaken,
     UserNotActive,
     UserNotFound,
@@ -22,6 +21,7 @@ from engine.model import Device, DeviceStatus, UserStatus, utc_now
 from engine.schema import audit_log, users
 from engine.service import end_user
 from engine.store import Store
+from tapsign_sdk.problems import InvalidInput
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import IllegalTransition
-from engine.model import Decision, DeviceStatus, FailureReason, Phase, UserStatus, UserVerification
+from engine.model import DeviceStatus, FailureReason, Phase, UserStatus
 from engine.operations import (
     EVENT_TYPES,
     TRANSITIONS,
@@ -27,6 +27,7 @@ from engine.operations import (
     mermaid,
     precheck,
 )
+from tapsign_sdk.model import Decision, UserVerification
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "reference" / "state-machine.md"
 

@@ -11,8 +11,8 @@ from uuid import UUID, uuid4
 import pytest
 import trio
 
-from engine.errors import ConfigurationError
 from engine.peers import Peers
+from tapsign_sdk.problems import ConfigurationError
 
 
 async def test_a_notice_reaches_every_other_process_but_not_the_sender(tmp_path: Path) -> None:

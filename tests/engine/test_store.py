@@ -14,9 +14,10 @@ from sqlalchemy.engine import Connection
 
 from engine import audit
 from engine import store as db
-from engine.errors import InvalidInput, UsernameTaken
+from engine.errors import UsernameTaken
 from engine.settings import DatabaseSettings
 from engine.store import Store
+from tapsign_sdk.problems import InvalidInput
 
 
 async def test_units_commit_together_and_fail_alone(store: Store) -> None:

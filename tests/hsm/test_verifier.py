@@ -16,11 +16,11 @@ import trio.testing
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from engine.errors import Overloaded, ServiceUnavailable
 from hsm.errors import HsmPermanentError, HsmTransientError, InvalidPublicKey
 from hsm.pkcs11_token import Pkcs11Token
 from hsm.verifier import BatchVerifier
 from hsm.verify_backends import OpenSSLVerifyBackend, Outcome, Pkcs11VerifyBackend, VerifyItem
+from tapsign_sdk.problems import Overloaded, ServiceUnavailable
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 POINT = KEY.public_key().public_bytes(

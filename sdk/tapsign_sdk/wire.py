@@ -16,7 +16,7 @@ from uuid import UUID
 
 import msgspec
 
-from engine.model import (
+from tapsign_sdk.model import (
     ATTRIBUTE_KEY_PATTERN,
     MAX_ATTRIBUTE_VALUE,
     MAX_CONSENT_TEXT,
@@ -323,7 +323,7 @@ class Redeem(Wire, frozen=True, kw_only=True):
 
 class DeviceOperation(Wire, frozen=True, kw_only=True):
     """What the phone shows and signs. The field names mirror the signed payload's inputs
-    (engine/payload.py) so the SDK builds the payload from exactly what it shows."""
+    (tapsign_sdk/payload.py) so the SDK builds the payload from exactly what it shows."""
 
     id: UUID = msgspec.field(name="transactionId")
     kind: OperationKind

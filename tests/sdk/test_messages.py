@@ -12,9 +12,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api import wire
 from api.routing import decode_body
-from engine.errors import BadRequest, InvalidInput
+from tapsign_sdk import wire
+from tapsign_sdk.problems import BadRequest, InvalidInput
 
 FUZZ_EXAMPLES = int(os.environ.get("TAPSIGN_FUZZ_EXAMPLES", "200"))
 

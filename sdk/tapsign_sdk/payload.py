@@ -22,8 +22,8 @@ import json
 from typing import Any, Protocol
 from uuid import UUID
 
-from engine.errors import InvalidInput
-from engine.model import Decision, OperationKind, UserVerification
+from tapsign_sdk.model import Decision, OperationKind, UserVerification
+from tapsign_sdk.problems import InvalidInput
 
 FORMAT = "tapsign-sca/1"
 

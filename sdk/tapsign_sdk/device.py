@@ -2,7 +2,7 @@
 
 A phone holds a device-bound P-256 key (Secure Enclave, Android Keystore; here a software
 key from ``cryptography``), keeps a signature counter, and answers operations by signing
-the payload of engine/payload.py, the one definition both sides use.
+the payload of tapsign_sdk/payload.py, the one definition both sides use.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import msgspec
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from api import wire
-from api.device_auth import sign_headers
-from engine.model import Attestation, Decision, DeviceAnswer, OperationKind, UserVerification
-from engine.payload import Signable, signed_payload
-from sdk.client import raise_for_problem
+from tapsign_sdk import wire
+from tapsign_sdk.client import raise_for_problem
+from tapsign_sdk.model import Attestation, Decision, DeviceAnswer, OperationKind, UserVerification
+from tapsign_sdk.payload import Signable, signed_payload
+from tapsign_sdk.request import sign_headers
 
 
 class Addressed(Signable, Protocol):

@@ -13,17 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import InvalidInput
-from engine.model import (
-    Decision,
-    Operation,
-    OperationKind,
-    Payee,
-    Payment,
-    Phase,
-    UserVerification,
-)
-from engine.payload import signed_payload
+from engine.model import Operation, Payee, Payment, Phase
+from tapsign_sdk.model import Decision, OperationKind, UserVerification
+from tapsign_sdk.payload import signed_payload
+from tapsign_sdk.problems import InvalidInput
 
 #: Cases per property; ``make fuzz`` raises it.
 FUZZ_EXAMPLES = int(os.environ.get("TAPSIGN_FUZZ_EXAMPLES", "100"))

@@ -23,8 +23,8 @@ from uuid import UUID
 import httpx
 import msgspec
 
-from api import wire
-from api.wire import Payee
+from tapsign_sdk import wire
+from tapsign_sdk.wire import Payee
 
 T = TypeVar("T")
 

@@ -1,1 +1,0 @@
-"""Reference clients of tapsign: the device side and the relying-party side."""
