@@ -18,10 +18,10 @@ from collections.abc import Iterable
 
 from sqlalchemy.engine import Connection
 
-from api.recent import Recent
 from engine import store as db
 from engine.callbacks import check_destination
 from engine.model import Clock
+from engine.recent import Recent
 from engine.settings import CallbackSettings
 from engine.store import AccessKeyRecord, Store
 from tapsign_sdk.problems import InvalidInput, NotFound, Unauthorized
@@ -39,7 +39,7 @@ class AccessKeys:
     def __init__(self, store: Store, *, clock: Clock) -> None:
         self._store = store
         self._clock = clock
-        #: Revocation reaches the other processes within this second (api/recent.py).
+        #: Revocation reaches the other processes within this second (engine/recent.py).
         self._recent: Recent[str, AccessKeyRecord] = Recent(seconds=1.0, size=1024)
 
     async def create(

@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from datetime import timedelta
 from uuid import UUID
 
-from api.recent import Recent
 from engine import store as db
 from engine.model import Clock, Device, DeviceStatus
+from engine.recent import Recent
 from engine.service import Engine
 from hsm.errors import InvalidPublicKey
 from tapsign_sdk.payload import b64url
@@ -45,7 +45,7 @@ class DeviceRequests:
     def __init__(self, engine: Engine, *, clock: Clock) -> None:
         self._engine = engine
         self._clock = clock
-        #: Devices read in the last second (api/recent.py).
+        #: Devices read in the last second (engine/recent.py).
         self._recent: Recent[UUID, Device] = Recent(seconds=1.0, size=10_000)
 
     async def authenticate(

@@ -16,12 +16,12 @@ import trio
 from quart import Quart, request
 
 from api.qr import qr_code
-from api.recent import Recent
 from api.routing import Auth, Call, Services, record_refusal, route
 from engine.actors import check_request
 from engine.callbacks import check_callback_url
 from engine.errors import OperationNotFound, UserNotFound
 from engine.model import Device, DeviceStatus, Operation, OperationRequest, Payee, Payment, User
+from engine.recent import Recent
 from engine.store import AccessKeyRecord
 from engine.tokens import INTENT_LIFETIME, STATUS_GRACE, TokenKind
 from tapsign_sdk import wire

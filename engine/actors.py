@@ -84,6 +84,7 @@ from engine.operations import (
     precheck,
 )
 from engine.peers import Peers
+from engine.recent import Recent
 from engine.settings import MIN_SECONDS, PSD2_MAX_SECONDS, OperationSettings
 from engine.store import OutboxItem, Store
 from engine.tokens import RESULT_LIFETIME, TokenKind, token_claims
@@ -104,6 +105,9 @@ from tapsign_sdk.problems import Conflict, InvalidInput, ServiceUnavailable
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: How long, and how many, ended operations are kept in memory for their statuses.
+ENDED_SECONDS = 600.0
+ENDED_SIZE = 4096
 #: What a phone is told of a transaction that is not its own, or does not exist.
 NOT_THIS_DEVICES = "no such transaction for this authenticator"
 _NEEDS_UV = frozenset({OperationKind.AUTHORISATION, OperationKind.SIGNATURE})
@@ -833,6 +837,9 @@ class Supervisor:
     def __init__(self, context: Context) -> None:
         self.context = context
         self._actors: dict[UUID, OperationActor] = {}
+        #: Operations that ended lately: a status or a late answer after the end reads
+        #: nothing (an ended operation never changes again).
+        self._ended: Recent[UUID, Operation] = Recent(seconds=ENDED_SECONDS, size=ENDED_SIZE)
         self._watches: dict[UUID, _Watch] = {}
         self._nursery: trio.Nursery | None = None
         self._started = 0
@@ -891,6 +898,8 @@ class Supervisor:
     def _forget(self, actor: OperationActor) -> None:
         if self._actors.get(actor.operation.id) is actor:
             del self._actors[actor.operation.id]
+        if actor.operation.phase.terminal:
+            self._ended.put(actor.operation.id, actor.operation)
 
     async def _live(self, operation_id: UUID, device_id: UUID | None = None) -> OperationActor:
         """The operation's actor here. A pending operation without one (created by another
@@ -1055,9 +1064,15 @@ class Supervisor:
         return operation
 
     async def _read(self, operation_id: UUID) -> Operation | None:
-        return await self.context.store.read(
+        ended = self._ended.get(operation_id)
+        if ended is not None:
+            return ended
+        operation = await self.context.store.read(
             lambda connection: db.get_operation(connection, operation_id)
         )
+        if operation is not None and operation.phase.terminal:
+            self._ended.put(operation_id, operation)
+        return operation
 
     async def dispatch(self, operation_id: UUID, device_id: UUID) -> Operation:
         """The phone fetched the operation (by push, QR code, app link or polling)."""

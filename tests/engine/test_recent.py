@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from api.recent import Recent
+from engine.recent import Recent
 
 
 class Ticks:
