@@ -17,13 +17,13 @@ from quart import Quart, request
 
 from api.qr import qr_code
 from api.routing import Auth, Call, Services, record_refusal, route
-from engine.actors import check_request
+from engine.actors import StartedOperation, check_request
 from engine.callbacks import check_callback_url
 from engine.errors import OperationNotFound, UserNotFound
 from engine.model import Device, DeviceStatus, Operation, OperationRequest, Payee, Payment, User
 from engine.recent import Recent
 from engine.store import AccessKeyRecord
-from engine.tokens import INTENT_LIFETIME, STATUS_GRACE, TokenKind
+from engine.tokens import INTENT_LIFETIME, TokenKind
 from tapsign_sdk import wire
 from tapsign_sdk.model import OperationKind
 from tapsign_sdk.problems import Forbidden, InvalidInput, TapsignError, Unauthorized
@@ -151,32 +151,25 @@ def register(app: Quart, services: Services) -> None:
         binding = msgspec.convert(grant.get("bind", {}), wire.IntentBinding)
         return issuer, None if bound_id is None else UUID(str(bound_id)), bound_name, binding
 
-    async def issue(kind: TokenKind, operation: Operation) -> str:
-        if kind is TokenKind.STATUS:
-            return await services.tokens.issue(
-                kind, subject=str(operation.id), expires_at=operation.expires_at + STATUS_GRACE
-            )
-        return await services.tokens.issue(
-            kind,
-            subject=str(operation.id),
-            expires_at=operation.expires_at,
-            claims={"dev": str(operation.device_id)},
-        )
-
-    async def links(operation: Operation) -> tuple[str, wire.QrCode, str]:
-        """Status token, QR code and app link (holding the dispatch token) of an operation."""
+    async def links(operation: Operation) -> tuple[wire.QrCode, str]:
+        """QR code and app link (holding the dispatch token) of an operation."""
         async with cancelled_on_failure(operation):
-            status_token = await issue(TokenKind.STATUS, operation)
-            dispatch_token = await issue(TokenKind.DISPATCH, operation)
+            dispatch_token = await services.tokens.issue(
+                TokenKind.DISPATCH,
+                subject=str(operation.id),
+                expires_at=operation.expires_at,
+                claims={"dev": str(operation.device_id)},
+            )
         app_link = f"{services.base_url}/open?dispatchToken={dispatch_token}"
         # A 300 px PNG takes milliseconds of pure Python: off the event loop.
         qr = await trio.to_thread.run_sync(qr_code, app_link)
-        return status_token, qr, app_link
+        return qr, app_link
 
     @contextlib.asynccontextmanager
     async def cancelled_on_failure(operation: Operation) -> AsyncIterator[None]:
-        """A stored operation whose tokens cannot be made (the HSM is away) is cancelled
-        before the error goes out: a caller told 503 has no transaction waiting on a phone."""
+        """A stored operation whose dispatch token cannot be made (the HSM is away) is
+        cancelled before the error goes out: a caller told 503 has no transaction waiting on
+        a phone. (The status token is made with the operation, by its writer.)"""
         try:
             yield
         except TapsignError:
@@ -184,15 +177,12 @@ def register(app: Quart, services: Services) -> None:
                 await supervisor.cancel(operation.id)
             raise
 
-    async def started(operation: Operation, channel: str) -> wire.Started:
-        if channel == "app":
-            status_token, qr, app_link = await links(operation)
-        else:
-            async with cancelled_on_failure(operation):
-                status_token, qr, app_link = await issue(TokenKind.STATUS, operation), None, None
+    async def started(begun: StartedOperation, channel: str) -> wire.Started:
+        operation = begun.operation
+        qr, app_link = await links(operation) if channel == "app" else (None, None)
         return wire.Started(
             transaction_id=operation.id,
-            status_token=status_token,
+            status_token=begun.status_token,
             qr_code=qr,
             app_link_uri=app_link,
             user_id=operation.user_id,
@@ -268,7 +258,7 @@ def register(app: Quart, services: Services) -> None:
             client, user_id, username, binding = await redeem_intent(call, body)
             message, expires_in = binding.message, binding.expires_in
         own = client.callback_url if client is not None else None
-        operation = await supervisor.start(
+        begun = await supervisor.start(
             OperationRequest(
                 kind=OperationKind.REGISTRATION,
                 user_id=user_id,
@@ -283,9 +273,10 @@ def register(app: Quart, services: Services) -> None:
             ),
             actor=call.actor,
         )
+        operation = begun.operation
         user = await identity.get_user(operation.user_id)
         devices = await identity.list_devices(user.id)
-        status_token, qr, app_link = await links(operation)
+        qr, app_link = await links(operation)
         return wire.Enrolled(
             user_id=user.id,
             username=user.username,
@@ -295,7 +286,7 @@ def register(app: Quart, services: Services) -> None:
             authenticators=[authenticator_view(device) for device in devices],
             enrollment=wire.Enrollment(
                 transaction_id=operation.id,
-                status_token=status_token,
+                status_token=begun.status_token,
                 qr_code=qr,
                 app_link_uri=app_link,
                 expires_at=operation.expires_at,
@@ -347,8 +338,7 @@ def register(app: Quart, services: Services) -> None:
                 post_context=body.post_operation_context,
                 callback_url=body.callback_url,
             )
-        operation = await supervisor.start(request, actor=call.actor)
-        return await started(operation, body.channel)
+        return await started(await supervisor.start(request, actor=call.actor), body.channel)
 
     @route(
         app,
@@ -368,7 +358,7 @@ def register(app: Quart, services: Services) -> None:
         ``consent``: a JWT signed in tapsign's HSM, verifiable from the JWKS, holding the
         text, the transaction, user and authenticator, the time and the phone's own
         signature."""
-        operation = await supervisor.start(
+        begun = await supervisor.start(
             operation_request(
                 OperationKind.SIGNATURE,
                 body,
@@ -382,7 +372,7 @@ def register(app: Quart, services: Services) -> None:
             ),
             actor=call.actor,
         )
-        return await started(operation, body.channel)
+        return await started(begun, body.channel)
 
     @route(
         app,

@@ -87,7 +87,7 @@ from engine.peers import Peers
 from engine.recent import Recent
 from engine.settings import MIN_SECONDS, PSD2_MAX_SECONDS, OperationSettings
 from engine.store import OutboxItem, Store
-from engine.tokens import RESULT_LIFETIME, TokenKind, token_claims
+from engine.tokens import RESULT_LIFETIME, STATUS_GRACE, TokenKind, token_claims
 from hsm import ecdsa
 from hsm.keyring import Keyring
 from hsm.tokens import TokenSigner
@@ -192,6 +192,44 @@ def check_request(request: OperationRequest, settings: OperationSettings) -> int
     return seconds
 
 
+class Facts(msgspec.Struct, frozen=True, kw_only=True):
+    """What an actor holds besides its operation, to judge an answer without reading: the
+    user, and the device asked to answer (None: a registration's device, not enrolled yet;
+    or a user or device deleted meanwhile). The answer's write is conditional on them (a
+    compare-and-set on their state), so a change made elsewhere is found when storing."""
+
+    user: User | None
+    device: Device | None
+
+
+class _Stale(Exception):
+    """The user or device changed since the actor read them: read again and judge again.
+    ``valid``: the answer's signature, if it was verified (it needs no second look)."""
+
+    def __init__(self, valid: bool | None) -> None:
+        super().__init__("the user or authenticator changed")
+        self.valid = valid
+
+
+#: Judgements of one answer before giving up on facts that keep changing.
+STALE_TRIES = 3
+
+
+def read_facts(connection: Connection, operation: Operation) -> Facts:
+    return Facts(
+        user=db.get_user(connection, operation.user_id),
+        device=db.get_device(connection, operation.device_id),
+    )
+
+
+def _as_stored(facts: Facts, operation: Operation) -> Facts:
+    """``facts`` as :func:`read_facts` would read them now, if nothing changed: a
+    registration's device is not stored yet."""
+    if operation.kind is OperationKind.REGISTRATION:
+        return Facts(user=facts.user, device=None)
+    return facts
+
+
 class _Message:
     __slots__ = ("answer", "done", "event", "result")
 
@@ -211,13 +249,28 @@ class OperationActor:
     (docs/discussion/performance.md).
     """
 
-    __slots__ = ("_changed", "_closed", "_inbox", "_on_end", "_parked", "context", "operation")
+    __slots__ = (
+        "_changed",
+        "_closed",
+        "_inbox",
+        "_on_end",
+        "_parked",
+        "context",
+        "facts",
+        "operation",
+    )
 
     def __init__(
-        self, context: Context, operation: Operation, *, on_end: Callable[[OperationActor], None]
+        self,
+        context: Context,
+        operation: Operation,
+        facts: Facts,
+        *,
+        on_end: Callable[[OperationActor], None],
     ) -> None:
         self.context = context
         self.operation = operation
+        self.facts = facts
         self._on_end = on_end
         self._inbox: list[_Message] = []
         self._parked: trio.lowlevel.Task | None = None
@@ -352,9 +405,12 @@ class OperationActor:
         actor: str,
         changes: dict[str, Any] | None = None,
         extra: Callable[[Connection, Operation, datetime], list[OutboxItem]] | None = None,
+        prepare: Callable[[], None] | None = None,
     ) -> Operation:
         """Persist ``transition``, decided on ``before``, with a compare-and-set on the version
-        of ``before``, then notify; the loser of a race reloads.
+        of ``before``, then notify; the loser of a race reloads. ``prepare`` runs in the
+        writer's thread hop before the transaction, and may add to ``changes`` (the HSM's
+        signatures of a success).
 
         ``before`` is the operation the decision was made on, not ``self.operation``: while an
         answer is being verified, another process may store its own answer and this actor
@@ -362,13 +418,15 @@ class OperationActor:
         succeed and the transaction would take two answers.
         """
         now = self.context.clock()
-        after = _advanced(before, transition, now, changes or {})
+        changes = {} if changes is None else changes
+        stored: list[Operation] = []
 
         def persist(connection: Connection) -> list[OutboxItem] | None:
+            stored.append(_advanced(before, transition, now, changes))
             return _store_transition(
                 connection,
                 before,
-                after,
+                stored[-1],
                 transition,
                 actor=actor,
                 now=now,
@@ -377,7 +435,7 @@ class OperationActor:
             )
 
         with trio.CancelScope(shield=True):  # a terminal state, once decided, is stored
-            items = await self.context.store.write(persist)
+            items = await self.context.store.write(persist, prepare=prepare)
         if items is None:
             current = await self.context.store.read(
                 lambda connection: db.get_operation(connection, before.id)
@@ -385,6 +443,7 @@ class OperationActor:
             if current is not None:
                 self._changed_to(current)
             raise OperationNotPending(f"the transaction is {self.operation.status}")
+        after = stored[-1]
         self._changed_to(after)
         self.context.peers.announce(after.id, after.version)
         if items:
@@ -410,12 +469,25 @@ class OperationActor:
                 "a registration answer carries the new public key", field="publicKey"
             )
 
-        def facts(connection: Connection) -> tuple[User | None, Device | None]:
-            return db.get_user(connection, operation.user_id), db.get_device(
-                connection, operation.device_id
-            )
+        valid: bool | None = None  # the signature, once verified: it does not change
+        for _ in range(STALE_TRIES):
+            try:
+                return await self._judge(operation, answer, valid_before=valid)
+            except _Stale as stale:
+                valid = stale.valid
+                self.facts = await self.context.store.read(
+                    lambda connection: read_facts(connection, operation)
+                )
+        raise ServiceUnavailable("the user or authenticator keeps changing; retry")
 
-        user, device = await self.context.store.read(facts)
+    async def _judge(
+        self, operation: Operation, answer: DeviceAnswer, *, valid_before: bool | None
+    ) -> AnswerResult:
+        """Judge ``answer`` against the facts held, and store the outcome; :class:`_Stale`
+        (with the signature's validity) if the user or device changed meanwhile."""
+        registering = operation.kind is OperationKind.REGISTRATION
+        user, device = self.facts.user, self.facts.device
+        valid = valid_before
         point = (
             ecdsa.encode_point(ecdsa.load_public_key(answer.public_key))
             if registering and answer.public_key is not None
@@ -440,9 +512,10 @@ class OperationActor:
                 counter=answer.counter,
                 public_key=point if registering else None,
             )
-            valid = await self.context.verifier.verify(
-                public_key=point, message=payload, signature=answer.signature
-            )
+            if valid is None:
+                valid = await self.context.verifier.verify(
+                    public_key=point, message=payload, signature=answer.signature
+                )
             verdict = judge(
                 signature_valid=valid,
                 decision=answer.decision,
@@ -473,28 +546,33 @@ class OperationActor:
             changes.update(
                 public_key=point, device_name=answer.device_name, device_platform=answer.platform
             )
-        post_context = None
-        if succeeded:
-            changes.update(await self._evidence(operation, answer, payload, point))
-        if succeeded and operation.post_context_sealed is not None:
-            post_context = (
-                await trio.to_thread.run_sync(
-                    functools.partial(
-                        self.context.keyring.decrypt,
-                        operation.post_context_sealed,
-                        aad=operation.id.bytes,
-                    )
+        released: list[str] = []
+        signed_at = self.context.clock()
+
+        def evidence() -> None:
+            """In the writer's thread hop, before its transaction: what a success signs and
+            releases (engine/store.py ``prepare``)."""
+            changes.update(self._evidence(operation, answer, payload, point, now=signed_at))
+            if operation.post_context_sealed is not None:
+                released.append(
+                    self.context.keyring.decrypt(
+                        operation.post_context_sealed, aad=operation.id.bytes
+                    ).decode()
                 )
-            ).decode()
+
         settings = self.context.settings
+
+        facts = self.facts
+        recorded: list[Facts] = []
 
         def device_and_user(
             connection: Connection, after: Operation, now: datetime
         ) -> list[OutboxItem]:
-            return _record_answer(
+            items, after_facts = _record_answer(
                 connection,
                 after,
                 now,
+                facts=facts,
                 answer=answer,
                 verdict=verdict,
                 point=point,
@@ -503,6 +581,10 @@ class OperationActor:
                 max_failed_attempts=settings.max_failed_attempts,
                 lease_until=now + self.context.callbacks.lease,
             )
+            if after_facts is None:
+                raise _Stale(valid)
+            recorded.append(after_facts)
+            return items
 
         committed = await self._commit(
             transition,
@@ -510,8 +592,10 @@ class OperationActor:
             actor=f"device:{answer.device_id}",
             changes=changes,
             extra=device_and_user,
+            prepare=evidence if succeeded else None,
         )
-        return AnswerResult(operation=committed, post_context=post_context if succeeded else None)
+        self.facts = recorded[-1]
+        return AnswerResult(operation=committed, post_context=released[0] if released else None)
 
     async def _attest(self, answer: DeviceAnswer, point: bytes) -> tuple[str | None, str | None]:
         """What the registration's attestation proved, or why it is refused."""
@@ -532,14 +616,19 @@ class OperationActor:
             return None, str(exc)
         return attested, None
 
-    async def _evidence(
-        self, operation: Operation, answer: DeviceAnswer, payload: bytes, point: bytes
+    def _evidence(
+        self,
+        operation: Operation,
+        answer: DeviceAnswer,
+        payload: bytes,
+        point: bytes,
+        *,
+        now: datetime,
     ) -> dict[str, str]:
-        """What a success leaves behind, signed in the HSM in one thread hop: the result
-        token (one per transaction: every status answer carries this one), and for a
-        signature the consent JWT, evidence anyone can check offline (JWKS for tapsign's
-        signature, the embedded key for the device's)."""
-        now = self.context.clock()
+        """What a success leaves behind, signed in the HSM (blocking): the result token
+        (one per transaction: every status answer carries this one), and for a signature
+        the consent JWT, evidence anyone can check offline (JWKS for tapsign's signature,
+        the embedded key for the device's)."""
         result = token_claims(
             TokenKind.RESULT,
             subject=str(operation.user_id),
@@ -567,20 +656,17 @@ class OperationActor:
                 "devicePublicKey": b64url(point),
             }
 
-        def sign() -> dict[str, str]:
-            signed = {
-                "result_token": self.context.tokens.encode(
-                    result, token_type=TokenKind.RESULT.media_type
-                )
-            }
-            if consent is not None:
-                signed["result"] = self.context.consent.encode(
-                    consent,
-                    token_type="consent+jwt",  # noqa: S106 - a JWT type, not a password
-                )
-            return signed
-
-        return await trio.to_thread.run_sync(sign)
+        signed = {
+            "result_token": self.context.tokens.encode(
+                result, token_type=TokenKind.RESULT.media_type
+            )
+        }
+        if consent is not None:
+            signed["result"] = self.context.consent.encode(
+                consent,
+                token_type="consent+jwt",  # noqa: S106 - a JWT type, not a password
+            )
+        return signed
 
 
 def _advanced(
@@ -672,11 +758,20 @@ def _record_answer(
     refusal: str | None,
     max_failed_attempts: int,
     lease_until: datetime,
-) -> list[OutboxItem]:
-    """The device's and user's side of a judged answer, in the operation's transaction."""
+    facts: Facts,
+) -> tuple[list[OutboxItem], Facts | None]:
+    """The device's and user's side of a judged answer, in the operation's transaction,
+    and the facts as they are now; None instead if the user or device is no longer as the
+    actor held them (the caller rolls the unit back and judges again)."""
     items: list[OutboxItem] = []
     succeeded = operation.phase is Phase.SUCCEEDED
-    user = db.get_user(connection, operation.user_id)
+    user = facts.user
+    if not (verdict.verified or verdict.failed_attempt) and read_facts(
+        connection, operation
+    ) != _as_stored(facts, operation):
+        # Judged on the facts alone (a locked device, an inactive user), without an update
+        # to guard: they must still hold.
+        return items, None
     if refusal is not None:
         db.append_audit(
             connection,
@@ -719,7 +814,7 @@ def _record_answer(
             reason=f"attestation {attestation or 'none'}",
         )
     registered = operation.kind is OperationKind.REGISTRATION
-    device = None if registered else db.get_device(connection, operation.device_id)
+    device = None if registered else facts.device
     if device is not None and (verdict.failed_attempt or verdict.verified):
         changes: dict[str, Any] = {"updated_at": now}
         if verdict.failed_attempt:
@@ -775,7 +870,10 @@ def _record_answer(
             changes.update(
                 failed_attempts=0, counter=max(device.counter, answer.counter), last_used_at=now
             )
-        db.update_device(connection, msgspec.structs.replace(device, **changes))
+        changed = msgspec.structs.replace(device, **changes)
+        if not db.update_device_if(connection, changed, was=device):
+            return items, None
+        device = changed
     if user is not None and (verdict.failed_attempt or verdict.verified):
         user_changes: dict[str, Any] = {"updated_at": now}
         if succeeded:
@@ -784,8 +882,11 @@ def _record_answer(
                 user_changes["status"] = UserStatus.ACTIVE
         elif verdict.failed_attempt:
             user_changes["last_failed_login_at"] = now
-        db.update_user(connection, msgspec.structs.replace(user, **user_changes))
-    return items
+        changed_user = msgspec.structs.replace(user, **user_changes)
+        if not db.update_user_if(connection, changed_user, status_was=user.status.value):
+            return items, None
+        user = changed_user
+    return items, Facts(user=user, device=device)
 
 
 def _operation_callback(
@@ -812,6 +913,13 @@ def _operation_callback(
         body=body,
         lease_until=lease_until,
     )
+
+
+class StartedOperation(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored operation and its status token (engine/tokens.py)."""
+
+    operation: Operation
+    status_token: str
 
 
 class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -850,8 +958,15 @@ class Supervisor:
         """Resume the stored pending operations, then supervise until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for operation in await self.context.store.read(db.pending_operations):
-                self._spawn(operation)
+
+            def pending(connection: Connection) -> list[tuple[Operation, Facts]]:
+                return [
+                    (operation, read_facts(connection, operation))
+                    for operation in db.pending_operations(connection)
+                ]
+
+            for operation, facts in await self.context.store.read(pending):
+                self._spawn(operation, facts)
                 self._resumed += 1
             task_status.started()
             try:
@@ -884,10 +999,10 @@ class Supervisor:
         if stored is not None:
             actor.refresh(stored)
 
-    def _spawn(self, operation: Operation) -> OperationActor:
+    def _spawn(self, operation: Operation, facts: Facts) -> OperationActor:
         if self._nursery is None:
             raise ServiceUnavailable("the engine is not running")
-        actor = OperationActor(self.context, operation, on_end=self._forget)
+        actor = OperationActor(self.context, operation, facts, on_end=self._forget)
         self._actors[operation.id] = actor
         self._nursery.start_soon(actor.run)
         watch = self._watches.pop(operation.id, None)
@@ -918,27 +1033,38 @@ class Supervisor:
             return actor
         if operation.phase.terminal:
             raise OperationNotPending(f"the transaction is {operation.status}")
-        return self._actors.get(operation_id) or self._spawn(operation)
+        facts = await self.context.store.read(lambda connection: read_facts(connection, operation))
+        return self._actors.get(operation_id) or self._spawn(operation, facts)
 
-    async def start(self, request: OperationRequest, *, actor: str) -> Operation:
-        """Check, store and start an operation; its actor runs until it ends."""
+    async def start(self, request: OperationRequest, *, actor: str) -> StartedOperation:
+        """Check, store and start an operation; its actor runs until it ends.
+
+        One thread hop: the writer seals the post-operation context and signs the status
+        token in the HSM, then stores the operation, its audit entry and its push callback
+        in one transaction."""
         seconds = check_request(request, self.context.settings)
         operation_id = uuid4()
-        sealed = None
-        if request.post_context is not None:
-            sealed = await trio.to_thread.run_sync(
-                functools.partial(
-                    self.context.keyring.encrypt,
-                    request.post_context.encode(),
-                    aad=operation_id.bytes,
+        now = self.context.clock()
+        expires_at = now + timedelta(seconds=seconds)
+        settings = self.context.settings
+        prepared: dict[str, Any] = {}
+
+        def prepare() -> None:
+            if request.post_context is not None:
+                prepared["sealed"] = self.context.keyring.encrypt(
+                    request.post_context.encode(), aad=operation_id.bytes
                 )
+            claims = token_claims(
+                TokenKind.STATUS,
+                subject=str(operation_id),
+                now=now,
+                expires_at=expires_at + STATUS_GRACE,
+            )
+            prepared["status"] = self.context.tokens.encode(
+                claims, token_type=TokenKind.STATUS.media_type
             )
 
-        now = self.context.clock()
-
-        settings = self.context.settings
-
-        def create(connection: Connection) -> Operation:
+        def create(connection: Connection) -> tuple[Operation, Facts]:
             user = _resolve_user(connection, request, now)
             if user.status in (UserStatus.LOCKED, UserStatus.DEACTIVATED):
                 raise UserNotActive(f"the user is {user.status}")
@@ -961,9 +1087,10 @@ class Supervisor:
                         "being enrolled, the most [operations] max_authenticators_per_user "
                         "allows: revoke one first"
                     )
-                device_id = uuid4()
+                device_id, target = uuid4(), None
             else:
-                device_id = _target_device(devices, request.device_id).id
+                target = _target_device(devices, request.device_id)
+                device_id = target.id
             operation = Operation(
                 id=operation_id,
                 kind=request.kind,
@@ -975,12 +1102,12 @@ class Supervisor:
                 challenge=secrets.token_bytes(32),
                 created_at=now,
                 updated_at=now,
-                expires_at=now + timedelta(seconds=seconds),
+                expires_at=expires_at,
                 message=request.message,
                 payment=request.payment,
                 text=request.text,
                 pre_context=request.pre_context,
-                post_context_sealed=sealed,
+                post_context_sealed=prepared.get("sealed"),
                 require_user_verification=request.kind is not OperationKind.REGISTRATION
                 and request.require_user_verification is not False,
                 callback_url=request.callback_url,
@@ -997,12 +1124,13 @@ class Supervisor:
                 device_id=device_id,
                 reason=operation.kind.value,
             )
-            return operation
+            # What the actor holds to judge the answer without reading (Facts).
+            return operation, Facts(user=user, device=target)
 
         pushed: list[OutboxItem] = []
 
-        def create_and_dispatch(connection: Connection) -> Operation:
-            operation = create(connection)
+        def create_and_dispatch(connection: Connection) -> tuple[Operation, Facts]:
+            operation, facts = create(connection)
             if request.push_notification is not None and operation.callback_url is not None:
                 pushed.extend(
                     self.context.dispatcher.dispatch(
@@ -1013,14 +1141,14 @@ class Supervisor:
                         lease_until=now + self.context.callbacks.lease,
                     )
                 )
-            return operation
+            return operation, facts
 
-        operation = await self.context.store.write(create_and_dispatch)
+        operation, facts = await self.context.store.write(create_and_dispatch, prepare=prepare)
         if pushed:
             self.context.callbacks.enqueue(pushed)
-        self._spawn(operation)
+        self._spawn(operation, facts)
         self._started += 1
-        return operation
+        return StartedOperation(operation=operation, status_token=prepared["status"])
 
     async def get(self, operation_id: UUID) -> Operation:
         """The operation as its actor here knows it, else as stored."""
@@ -1100,6 +1228,18 @@ class Supervisor:
                 connection, device_id, now, after=after, limit=limit
             )
         )
+
+    def facts_changed(self, record: User | Device) -> None:
+        """A user's or device's status was changed through this process: the actors holding
+        it take the new one, so that a locked device's next answer is not even verified
+        (RTS art. 4(3)(b)). (Changes made elsewhere are found when an answer is stored:
+        :class:`Facts`.)"""
+        for actor in self._actors.values():
+            facts = actor.facts
+            if isinstance(record, User) and actor.operation.user_id == record.id:
+                actor.facts = msgspec.structs.replace(facts, user=record)
+            elif isinstance(record, Device) and actor.operation.device_id == record.id:
+                actor.facts = msgspec.structs.replace(facts, device=record)
 
     def changed_here(self, operation: Operation) -> None:
         """This process stored ``operation`` outside its actor (its user was deactivated or

@@ -19,7 +19,7 @@ Status rules:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from uuid import UUID, uuid4
 
@@ -110,9 +110,18 @@ def new_user(
 class Identity:
     """Users and devices, for the relying party's API and for the administrator."""
 
-    def __init__(self, store: Store, *, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Clock = utc_now,
+        changed: Callable[[User | Device], None] | None = None,
+    ) -> None:
         self._store = store
         self._clock = clock
+        #: Told of every user or device whose status this process changed, once stored
+        #: (the engine's actors hold them: engine/actors.py Facts).
+        self._changed = changed or (lambda record: None)
 
     async def create_user(
         self, username: str, attributes: Mapping[str, object] | None = None, *, actor: str
@@ -193,9 +202,11 @@ class Identity:
 
     async def _set_user_status(self, user_id: UUID, target: UserStatus, *, actor: str) -> User:
         now = self._clock()
-        return await self._store.write(
+        user = await self._store.write(
             lambda connection: set_user_status(connection, user_id, target, now=now, actor=actor)
         )
+        self._changed(user)
+        return user
 
     async def list_devices(self, user_id: UUID) -> list[Device]:
         def devices(connection: Connection) -> list[Device]:
@@ -250,7 +261,9 @@ class Identity:
             )
             return changed
 
-        return await self._store.write(change)
+        device = await self._store.write(change)
+        self._changed(device)
+        return device
 
 
 def revoke_device(connection: Connection, device: Device, *, now: datetime, actor: str) -> Device:

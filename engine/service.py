@@ -53,7 +53,9 @@ class Engine:
         self.keyring = keyring
         self.verifier = verifier
         self.clock = clock
-        self.identity = Identity(self.store, clock=clock)
+        self.identity = Identity(
+            self.store, clock=clock, changed=lambda record: self.supervisor.facts_changed(record)
+        )
         self.callbacks = CallbackDeliverer(
             self.store, keyring, settings.callbacks, clock=clock, client=http_client
         )

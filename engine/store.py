@@ -84,13 +84,19 @@ class StoreStatistics(msgspec.Struct, frozen=True, kw_only=True):
     groups: int
     grouped_writes: int
     largest_group: int
+    #: Units of work written and read transactions, each one thread hop for its caller.
+    writes: int
+    reads: int
 
 
 class _Unit:
-    __slots__ = ("done", "result", "work")
+    __slots__ = ("done", "prepare", "result", "work")
 
-    def __init__(self, work: Callable[[Connection], Any]) -> None:
+    def __init__(
+        self, work: Callable[[Connection], Any], prepare: Callable[[], None] | None
+    ) -> None:
         self.work = work
+        self.prepare = prepare
         self.done = trio.Event()
         self.result: outcome.Outcome[Any] | None = None
 
@@ -123,6 +129,8 @@ class Store:
         self._groups = 0
         self._grouped = 0
         self._largest_group = 0
+        self._writes = 0
+        self._reads = 0
 
     def migrate(self) -> None:
         """Create or upgrade the schema to the newest migration (idempotent)."""
@@ -173,8 +181,15 @@ class Store:
         finally:
             os.close(descriptor)
 
-    async def write(self, work: Callable[[Connection], T]) -> T:
+    async def write(
+        self, work: Callable[[Connection], T], *, prepare: Callable[[], None] | None = None
+    ) -> T:
         """Run ``work`` in a write transaction, in a worker thread; committed on return.
+
+        ``prepare``, if given, runs first in that same thread hop, before the transaction
+        begins: the HSM signatures and decryptions a unit needs (a result token, a consent
+        JWT, a sealed context), so that they cost no extra hop and hold no lock. Should it
+        fail, ``work`` is not run.
 
         While :meth:`run` serves, units of work are grouped: the writer runs everything
         queued in one transaction, each unit in a savepoint of its own (a unit that fails
@@ -182,9 +197,12 @@ class Store:
         for a whole group: the terminal state of every operation in it is durable before
         any of their callers hears back.
         """
+        self._writes += 1
         if self._queue is None:
-            return await trio.to_thread.run_sync(self._run, work, True, limiter=self._limiter)
-        unit = _Unit(work)
+            return await trio.to_thread.run_sync(
+                self._run_prepared, work, prepare, limiter=self._limiter
+            )
+        unit = _Unit(work, prepare)
         self._queue.append(unit)
         if self._pending:
             self._pending.unpark()
@@ -193,6 +211,7 @@ class Store:
         return unit.result.unwrap()  # type: ignore[no-any-return]
 
     async def read(self, work: Callable[[Connection], T]) -> T:
+        self._reads += 1
         return await trio.to_thread.run_sync(self._run, work, False, limiter=self._limiter)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -225,13 +244,24 @@ class Store:
             groups=self._groups,
             grouped_writes=self._grouped,
             largest_group=self._largest_group,
+            writes=self._writes,
+            reads=self._reads,
         )
 
     def _commit_group(self, group: list[_Unit]) -> None:
+        for unit in group:
+            if unit.prepare is not None:
+                try:
+                    unit.prepare()
+                except Exception as exc:
+                    unit.result = outcome.Error(exc)
+        ready = [unit for unit in group if unit.result is None]
+        if not ready:
+            return
         try:
             with self.transaction(write=True) as connection:
                 head = _audit_head(connection)
-                for unit in group:
+                for unit in ready:
                     saved = head.seq, head.hash
                     try:
                         with connection.begin_nested():
@@ -243,8 +273,15 @@ class Store:
                         unit.result = outcome.Error(_unstorable(exc))
                         head.seq, head.hash = saved
         except Exception as exc:
-            for unit in group:
+            for unit in ready:
                 unit.result = outcome.Error(exc)
+
+    def _run_prepared(
+        self, work: Callable[[Connection], T], prepare: Callable[[], None] | None
+    ) -> T:
+        if prepare is not None:
+            prepare()
+        return self._run(work, True)
 
     def _run(self, work: Callable[[Connection], T], write: bool) -> T:
         with self.transaction(write=write) as connection:
@@ -352,6 +389,18 @@ def update_user(connection: Connection, user: User) -> None:
     connection.execute(_UPDATE_USER, {"key": user.id, **_user_values(user)})
 
 
+_UPDATE_USER_IF = users.update().where(
+    users.c.id == sa.bindparam("key"), users.c.status == sa.bindparam("status_was")
+)
+
+
+def update_user_if(connection: Connection, user: User, *, status_was: str) -> bool:
+    """Store ``user`` if the stored one still has the status ``status_was``; False if it
+    changed (locked, deactivated, deleted by someone else) and nothing was written."""
+    values = {"key": user.id, "status_was": status_was, **_user_values(user)}
+    return connection.execute(_UPDATE_USER_IF, values).rowcount == 1
+
+
 def delete_user(connection: Connection, user_id: UUID) -> None:
     connection.execute(devices.delete().where(devices.c.user_id == user_id))
     connection.execute(users.delete().where(users.c.id == user_id))
@@ -417,6 +466,27 @@ def list_devices(connection: Connection, user_id: UUID) -> list[Device]:
 
 def update_device(connection: Connection, device: Device) -> None:
     connection.execute(_UPDATE_DEVICE, {"key": device.id, **_device_values(device)})
+
+
+_UPDATE_DEVICE_IF = devices.update().where(
+    devices.c.id == sa.bindparam("key"),
+    devices.c.status == sa.bindparam("status_was"),
+    devices.c.failed_attempts == sa.bindparam("failed_was"),
+    devices.c.counter == sa.bindparam("counter_was"),
+)
+
+
+def update_device_if(connection: Connection, device: Device, *, was: Device) -> bool:
+    """Store ``device`` if the stored one is still as ``was`` (status, failed attempts,
+    counter); False if it changed meanwhile and nothing was written."""
+    values = {
+        "key": device.id,
+        "status_was": was.status.value,
+        "failed_was": was.failed_attempts,
+        "counter_was": was.counter,
+        **_device_values(device),
+    }
+    return connection.execute(_UPDATE_DEVICE_IF, values).rowcount == 1
 
 
 # -- operations -------------------------------------------------------------------------

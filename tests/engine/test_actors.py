@@ -51,10 +51,12 @@ CALLBACK = "http://127.0.0.1:9/callbacks"  # discard port: deliveries fail, rows
 async def enrol(engine: Engine, username: str = "alice") -> tuple[Authenticator, UUID, UUID]:
     """Register a phone for a new user; returns the phone, the user id and the device id."""
     phone = Authenticator()
-    operation = await engine.supervisor.start(
-        OperationRequest(kind=OperationKind.REGISTRATION, username=username, create_user=True),
-        actor="test",
-    )
+    operation = (
+        await engine.supervisor.start(
+            OperationRequest(kind=OperationKind.REGISTRATION, username=username, create_user=True),
+            actor="test",
+        )
+    ).operation
     result = await engine.supervisor.answer(operation.id, phone.answer(operation))
     assert result.operation.phase is Phase.SUCCEEDED
     return phone, operation.user_id, operation.device_id
@@ -64,7 +66,7 @@ async def start(engine: Engine, user_id: UUID, **fields: Any) -> Operation:
     request = OperationRequest(
         kind=fields.pop("kind", OperationKind.AUTHENTICATION), user_id=user_id, **fields
     )
-    return await engine.supervisor.start(request, actor="test")
+    return (await engine.supervisor.start(request, actor="test")).operation
 
 
 def rows(engine: Engine, table: sa.Table) -> list[Any]:
@@ -87,10 +89,12 @@ async def test_registration_creates_the_user_and_device(engine: Engine) -> None:
 
 
 async def test_registration_proves_possession_of_the_new_key(engine: Engine) -> None:
-    operation = await engine.supervisor.start(
-        OperationRequest(kind=OperationKind.REGISTRATION, username="mallory", create_user=True),
-        actor="test",
-    )
+    operation = (
+        await engine.supervisor.start(
+            OperationRequest(kind=OperationKind.REGISTRATION, username="mallory", create_user=True),
+            actor="test",
+        )
+    ).operation
     honest, impostor = Authenticator(), Authenticator()
     answer = honest.answer(operation)
     forged = msgspec.structs.replace(answer, public_key=impostor.public_key)
@@ -422,9 +426,11 @@ def test_invalid_amounts_and_currencies(amount: str, currency: str) -> None:
 async def test_locked_and_deactivated_users_and_devices(engine: Engine) -> None:
     _, user_id, device_id = await enrol(engine)
     second_phone = Authenticator()
-    registration = await engine.supervisor.start(
-        OperationRequest(kind=OperationKind.REGISTRATION, user_id=user_id), actor="test"
-    )
+    registration = (
+        await engine.supervisor.start(
+            OperationRequest(kind=OperationKind.REGISTRATION, user_id=user_id), actor="test"
+        )
+    ).operation
     await engine.supervisor.answer(registration.id, second_phone.answer(registration))
     await engine.identity.deactivate_device(device_id, actor="admin")
     written = (len(rows(engine, operations)), len(rows(engine, audit_log)))
@@ -579,3 +585,25 @@ async def test_a_stale_actor_that_expires_takes_the_stored_end(
         assert ended.phase is Phase.SUCCEEDED
         await trio.testing.wait_all_tasks_blocked()
         assert first.supervisor.statistics().live_operations == 0
+
+
+async def test_an_answer_judged_on_facts_changed_elsewhere_is_judged_again(
+    engine_factory: EngineFactory,
+) -> None:
+    """An actor holds the user and device it judges with (no read per answer); the answer's
+    write is conditional on them, so a lock made by another process is found then."""
+    async with engine_factory() as first, engine_factory() as second:
+        phone, user_id, device_id = await enrol(first)
+        operation = await start(first, user_id)
+        await second.identity.lock_device(device_id, actor="admin")
+        reads = first.store.statistics().reads
+        result = await first.supervisor.answer(operation.id, phone.answer(operation))
+        assert result.operation.failure_reason is FailureReason.DEVICE_LOCKED
+        assert first.store.statistics().reads == reads + 1  # the facts, read again once
+        device = await first.identity.get_device(device_id)
+        # The answer counted nothing against the locked device, nor for it.
+        assert (device.status, device.failed_attempts, device.counter) == (
+            DeviceStatus.LOCKED,
+            0,
+            1,
+        )

@@ -43,19 +43,23 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 async def enrol(engine: Engine) -> tuple[Authenticator, UUID]:
     phone = Authenticator()
-    operation = await engine.supervisor.start(
-        OperationRequest(kind=OperationKind.REGISTRATION, username="alice", create_user=True),
-        actor="test",
-    )
+    operation = (
+        await engine.supervisor.start(
+            OperationRequest(kind=OperationKind.REGISTRATION, username="alice", create_user=True),
+            actor="test",
+        )
+    ).operation
     await engine.supervisor.answer(operation.id, phone.answer(operation))
     return phone, operation.user_id
 
 
 async def start(engine: Engine, user_id: UUID, url: str) -> UUID:
-    operation = await engine.supervisor.start(
-        OperationRequest(kind=OperationKind.AUTHENTICATION, user_id=user_id, callback_url=url),
-        actor="test",
-    )
+    operation = (
+        await engine.supervisor.start(
+            OperationRequest(kind=OperationKind.AUTHENTICATION, user_id=user_id, callback_url=url),
+            actor="test",
+        )
+    ).operation
     return operation.id
 
 
@@ -378,15 +382,17 @@ async def test_the_webhook_dispatcher_asks_the_relying_party_to_push(
     engine: Engine, receiver: Receiver
 ) -> None:
     phone, user_id = await enrol(engine)
-    operation = await engine.supervisor.start(
-        OperationRequest(
-            kind=OperationKind.AUTHENTICATION,
-            user_id=user_id,
-            callback_url=receiver.url(),
-            push_notification="Approve your login",
-        ),
-        actor="test",
-    )
+    operation = (
+        await engine.supervisor.start(
+            OperationRequest(
+                kind=OperationKind.AUTHENTICATION,
+                user_id=user_id,
+                callback_url=receiver.url(),
+                push_notification="Approve your login",
+            ),
+            actor="test",
+        )
+    ).operation
     (push,) = await until(receiver, 1)
     body = msgspec.json.decode(push.body)
     assert (push.headers["tapsign-event"], body["notificationMessage"]) == (
