@@ -146,6 +146,23 @@ def register(app: Quart, services: Services) -> None:
     @route(
         app,
         services,
+        "GET",
+        "/device/v1/operations/{transactionId}",
+        summary="One of this device's pending transactions, by its id",
+        tag="device",
+        auth=Auth.DEVICE,
+        response=wire.DeviceOperation,
+    )
+    async def fetch(call: Call, transaction_id: UUID) -> wire.DeviceOperation:
+        """The transaction to show, when the phone knows its id (from the push that woke
+        it, for one): 404 for anything not this device's or unknown, 409 once it has
+        ended. Served from memory by the process that holds the transaction."""
+        assert call.device is not None  # noqa: S101 - Auth.DEVICE guarantees it
+        return device_view(await supervisor.dispatch(transaction_id, call.device.id))
+
+    @route(
+        app,
+        services,
         "POST",
         "/device/v1/operations/{transactionId}/answer",
         summary="Approve or decline a transaction",
@@ -153,6 +170,7 @@ def register(app: Quart, services: Services) -> None:
         auth=Auth.DEVICE_OR_DISPATCH,
         body=wire.Answer,
         response=wire.AnswerResult,
+        spends_nonce=True,
     )
     async def answer(call: Call, body: wire.Answer, transaction_id: UUID) -> wire.AnswerResult:
         """The phone's decision, signed over the payload of docs/reference/signed-payload.md.
@@ -179,6 +197,7 @@ def register(app: Quart, services: Services) -> None:
                 platform=body.platform,
                 attestation=body.attestation,
             ),
+            nonce=call.nonce,
         )
         operation = result.operation
         return wire.AnswerResult(

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 from collections.abc import Mapping
 from datetime import timedelta
 from uuid import UUID
 
-from engine import store as db
 from engine.model import Clock, Device, DeviceStatus
 from engine.recent import Recent
+from engine.replay import Nonce, nonce_of, spend
 from engine.service import Engine
 from hsm.errors import InvalidPublicKey
-from tapsign_sdk.payload import b64url
 from tapsign_sdk.problems import NotFound, Unauthorized
 from tapsign_sdk.request import (
     HEADER_AUTHENTICATOR,
@@ -49,9 +47,17 @@ class DeviceRequests:
         self._recent: Recent[UUID, Device] = Recent(seconds=1.0, size=10_000)
 
     async def authenticate(
-        self, *, method: str, path: str, headers: Mapping[str, str], body: bytes
-    ) -> Device:
-        """The requesting device; :class:`Unauthorized` with the specific reason otherwise.
+        self,
+        *,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        spend_now: bool = True,
+    ) -> tuple[Device, Nonce | None]:
+        """The requesting device, and its request's nonce unless ``spend_now`` spent it
+        already (the caller then spends it in its own unit of work: engine/replay.py);
+        :class:`Unauthorized` with the specific reason otherwise.
 
         ``headers`` has lower-case names.
         """
@@ -85,21 +91,15 @@ class DeviceRequests:
             raise Unauthorized("the authenticator's stored key is unusable") from exc
         if not valid:
             raise Unauthorized(f"bad device request signature from {device_id}")
-        # Recorded only once the signature holds: nobody spends another device's nonces.
-        key = _nonce_key(device_id, nonce)
-        expires_at = now + timedelta(seconds=2 * WINDOW)
-        if not await self._engine.store.write(
-            lambda connection: db.consume_token(connection, key, now=now, expires_at=expires_at)
-        ):
-            raise Unauthorized("device request nonce used before (replay)")
-        return device
+        # Spent only once the signature holds: nobody spends another device's nonces.
+        used = nonce_of(
+            device_id, nonce, seen_at=now, expires_at=now + timedelta(seconds=2 * WINDOW)
+        )
+        if not spend_now:
+            return device, used
+        await self._engine.store.write(lambda connection: spend(connection, used))
+        return device, None
 
     def forget(self, device_id: UUID) -> None:
         """Read the device afresh next time: its state was changed through this process."""
         self._recent.forget(device_id)
-
-
-def _nonce_key(device_id: UUID, nonce: str) -> str:
-    """The consumed-token key of a device request's nonce: a digest (43 characters, unlike
-    any ``jti``), so that a nonce chosen to equal some token's ``jti`` consumes nothing."""
-    return "n" + b64url(hashlib.sha256(device_id.bytes + nonce.encode()).digest())[:42]

@@ -28,6 +28,7 @@ from api.ratelimit import RateLimit
 from api.tokens import Tokens
 from engine import store as db
 from engine.model import Clock, Device
+from engine.replay import Nonce
 from engine.service import Engine
 from engine.store import AccessKeyRecord
 from engine.tokens import TokenKind
@@ -81,6 +82,9 @@ class Call:
     #: The claims of the intent or dispatch token the request came with.
     grant: dict[str, Any] | None = None
     device: Device | None = None
+    #: The signed device request's nonce, for the route to spend in its own unit of work
+    #: (routes declared ``spends_nonce``: engine/replay.py).
+    nonce: Nonce | None = None
 
     @property
     def actor(self) -> str:
@@ -108,6 +112,8 @@ class RouteSpec:
     intent: str | None = None
     #: Starts a transaction: refused with 503 while the server is saturated (api/admission.py).
     starts: bool = False
+    #: The handler spends the device request's nonce itself (``Call.nonce``).
+    spends_nonce: bool = False
     description: str = ""
     path_parameters: tuple[str, ...] = field(default=())
 
@@ -200,11 +206,12 @@ async def _authenticate(spec: RouteSpec, call: Call, body: bytes, path: dict[str
         return
     if spec.auth in (Auth.DEVICE, Auth.DEVICE_OR_DISPATCH):
         target = request.full_path if request.query_string else request.path
-        call.device = await services.devices.authenticate(
+        call.device, call.nonce = await services.devices.authenticate(
             method=request.method,
             path=target,
             headers={name.lower(): value for name, value in request.headers.items()},
             body=body,
+            spend_now=not spec.spends_nonce,
         )
 
 
@@ -227,6 +234,7 @@ def route(
     form: bool = False,
     intent: str | None = None,
     starts: bool = False,
+    spends_nonce: bool = False,
 ) -> Callable[[Handler], Handler]:
     """Register ``handler(call, [body,] **path_parameters)`` for ``method path``.
 
@@ -249,6 +257,7 @@ def route(
             form=form,
             intent=intent,
             starts=starts,
+            spends_nonce=spends_nonce,
             description=(handler.__doc__ or "").strip(),
             path_parameters=parameters,
         )

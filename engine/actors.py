@@ -85,6 +85,7 @@ from engine.operations import (
 )
 from engine.peers import Peers
 from engine.recent import Recent
+from engine.replay import Nonce, spend
 from engine.settings import MIN_SECONDS, PSD2_MAX_SECONDS, OperationSettings
 from engine.store import OutboxItem, Store
 from engine.tokens import RESULT_LIFETIME, STATUS_GRACE, TokenKind, token_claims
@@ -231,11 +232,14 @@ def _as_stored(facts: Facts, operation: Operation) -> Facts:
 
 
 class _Message:
-    __slots__ = ("answer", "done", "event", "result")
+    __slots__ = ("answer", "done", "event", "nonce", "result")
 
-    def __init__(self, event: Event, answer: DeviceAnswer | None = None) -> None:
+    def __init__(
+        self, event: Event, answer: DeviceAnswer | None = None, nonce: Nonce | None = None
+    ) -> None:
         self.event = event
         self.answer = answer
+        self.nonce = nonce
         self.done = trio.Event()
         self.result: outcome.Outcome[Any] | None = None
 
@@ -280,9 +284,11 @@ class OperationActor:
 
     # -- the API's side --------------------------------------------------------------------
 
-    async def ask(self, event: Event, answer: DeviceAnswer | None = None) -> Any:
+    async def ask(
+        self, event: Event, answer: DeviceAnswer | None = None, nonce: Nonce | None = None
+    ) -> Any:
         """Send a message and wait for the actor's reply (or its error)."""
-        message = _Message(event, answer)
+        message = _Message(event, answer, nonce)
         self._post(message)
         await message.done.wait()
         if message.result is None:  # pragma: no cover - always set before done
@@ -359,7 +365,7 @@ class OperationActor:
             elif isinstance(message.event, Cancel):
                 result = await self._end(Cancel())
             elif message.answer is not None:
-                result = await self._answer(message.answer)
+                result = await self._answer(message.answer, message.nonce)
             else:  # pragma: no cover - the supervisor only sends these three
                 raise IllegalTransition("unknown message")
             message.result = outcome.Value(result)
@@ -406,6 +412,7 @@ class OperationActor:
         changes: dict[str, Any] | None = None,
         extra: Callable[[Connection, Operation, datetime], list[OutboxItem]] | None = None,
         prepare: Callable[[], None] | None = None,
+        nonce: Nonce | None = None,
     ) -> Operation:
         """Persist ``transition``, decided on ``before``, with a compare-and-set on the version
         of ``before``, then notify; the loser of a race reloads. ``prepare`` runs in the
@@ -423,7 +430,7 @@ class OperationActor:
 
         def persist(connection: Connection) -> list[OutboxItem] | None:
             stored.append(_advanced(before, transition, now, changes))
-            return _store_transition(
+            items = _store_transition(
                 connection,
                 before,
                 stored[-1],
@@ -433,6 +440,11 @@ class OperationActor:
                 lease_until=now + self.context.callbacks.lease,
                 extra=extra,
             )
+            if items is not None and nonce is not None:
+                # The answer's request is taken here, with its outcome: a replay of it
+                # rolls everything back (engine/replay.py).
+                spend(connection, nonce)
+            return items
 
         with trio.CancelScope(shield=True):  # a terminal state, once decided, is stored
             items = await self.context.store.write(persist, prepare=prepare)
@@ -456,7 +468,7 @@ class OperationActor:
             self._changed.set()
             self._changed = None
 
-    async def _answer(self, answer: DeviceAnswer) -> AnswerResult:
+    async def _answer(self, answer: DeviceAnswer, nonce: Nonce | None) -> AnswerResult:
         operation = self.operation
         if answer.device_id != operation.device_id:
             # Not this device's transaction: say nothing about it (another user's device).
@@ -472,7 +484,7 @@ class OperationActor:
         valid: bool | None = None  # the signature, once verified: it does not change
         for _ in range(STALE_TRIES):
             try:
-                return await self._judge(operation, answer, valid_before=valid)
+                return await self._judge(operation, answer, nonce, valid_before=valid)
             except _Stale as stale:
                 valid = stale.valid
                 self.facts = await self.context.store.read(
@@ -481,7 +493,12 @@ class OperationActor:
         raise ServiceUnavailable("the user or authenticator keeps changing; retry")
 
     async def _judge(
-        self, operation: Operation, answer: DeviceAnswer, *, valid_before: bool | None
+        self,
+        operation: Operation,
+        answer: DeviceAnswer,
+        nonce: Nonce | None,
+        *,
+        valid_before: bool | None,
     ) -> AnswerResult:
         """Judge ``answer`` against the facts held, and store the outcome; :class:`_Stale`
         (with the signature's validity) if the user or device changed meanwhile."""
@@ -593,6 +610,7 @@ class OperationActor:
             changes=changes,
             extra=device_and_user,
             prepare=evidence if succeeded else None,
+            nonce=nonce,
         )
         self.facts = recorded[-1]
         return AnswerResult(operation=committed, post_context=released[0] if released else None)
@@ -1208,9 +1226,20 @@ class Supervisor:
         result: Operation = await actor.ask(Dispatch())
         return result
 
-    async def answer(self, operation_id: UUID, answer: DeviceAnswer) -> AnswerResult:
-        actor = await self._live(operation_id, answer.device_id)
-        result: AnswerResult = await actor.ask(Answer(), answer)
+    async def answer(
+        self, operation_id: UUID, answer: DeviceAnswer, *, nonce: Nonce | None = None
+    ) -> AnswerResult:
+        """Judge and store ``answer``; its signed request's ``nonce`` is spent with the
+        outcome, or, if the answer is refused before (the transaction ended, or is not
+        this device's), then, so that a replay is refused as one."""
+        try:
+            actor = await self._live(operation_id, answer.device_id)
+            result: AnswerResult = await actor.ask(Answer(), answer, nonce)
+        except (OperationNotPending, OperationNotFound):
+            if nonce is not None:
+                spent = nonce
+                await self.context.store.write(lambda connection: spend(connection, spent))
+            raise
         return result
 
     async def cancel(self, operation_id: UUID) -> Operation:

@@ -111,7 +111,7 @@ def _transaction_steps(pid: int, client: Client, phone: Device, count: int) -> d
     phone.enroll(started.enrollment.app_link_uri)
     steps = {
         "POST /api/v1/approval (payment)": 0.0,
-        "GET /device/v1/operations (one pending)": 0.0,
+        "GET /device/v1/operations/{id} (fetch)": 0.0,
         "POST /device/v1/operations/{id}/answer": 0.0,
         "POST /api/v1/status (final)": 0.0,
     }
@@ -122,7 +122,7 @@ def _transaction_steps(pid: int, client: Client, phone: Device, count: int) -> d
             username="costs", amount="12.50", currency="EUR", payee=SHOP, message="Payment"
         )
         marks.append(sample(pid)[0])
-        (operation,) = phone.pending()
+        operation = phone.fetch(approval.transaction_id)
         marks.append(sample(pid)[0])
         phone.approve(operation)
         marks.append(sample(pid)[0])

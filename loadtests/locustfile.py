@@ -50,7 +50,6 @@ SHOP = {"name": "Coffee Shop", "account": "DE89 3704 0044 0532 0130 00"}
 _timings: list[tuple[float, float, str, str]] = []
 #: httpx (the set-up's SDK calls) logs every request at INFO, Locust's level.
 logging.getLogger("httpx").setLevel(logging.WARNING)
-_pending = msgspec.json.Decoder(wire.PendingOperations)
 _started = msgspec.json.Decoder(wire.Started)
 _status = msgspec.json.Decoder(wire.Status)
 _answer_result = msgspec.json.Decoder(wire.AnswerResult)
@@ -228,19 +227,18 @@ class RelyingPartyWithPhone(FastHttpUser):
         return self._final_status(started.status_token, expected=expected)
 
     def _fetch(self, transaction_id: Any) -> wire.DeviceOperation:
-        path = "/device/v1/operations"
+        """What a phone woken by a push does: fetch the transaction the push named."""
+        path = f"/device/v1/operations/{transaction_id}"
         headers = sign_headers(
             authenticator_id=self.phone_id, signer=self.phone, method="GET", path=path, body=b""
         )
-        with self.client.get(path, headers=headers, catch_response=True) as response:
+        with self.client.get(
+            path, headers=headers, name="GET /device/v1/operations/[id]", catch_response=True
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 raise TransactionFailed(f"fetch refused: HTTP {response.status_code}")
-            pending = _pending.decode(response.content)
-        for operation in pending.operations:
-            if operation.id == transaction_id:
-                return operation
-        raise TransactionFailed("the phone did not find its transaction")
+            return _device_operation.decode(response.content)
 
     def _final_status(self, status_token: str, *, expected: str) -> wire.Status:
         for _ in range(20):

@@ -232,6 +232,13 @@ class Device:
                 return found
             path = f"/device/v1/operations?after={page.next}"
 
+    def fetch(self, transaction_id: UUID) -> wire.DeviceOperation:
+        """One pending transaction, by the id the push that woke the app carried."""
+        path = f"/device/v1/operations/{transaction_id}"
+        response = self._http.get(path, headers=self._signed("GET", path, b""))
+        raise_for_problem(response)
+        return msgspec.json.decode(response.content, type=wire.DeviceOperation)
+
     def show(self, operation: wire.DeviceOperation) -> str:
         """What the phone shows before the user decides."""
         lines = [f"{operation.kind.value}: {operation.message}".rstrip(": ")]
