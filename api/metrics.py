@@ -215,6 +215,20 @@ def metrics_text(services: Services) -> str:
             "",
         ),
         (
+            "tapsign_database_writes_total",
+            "counter",
+            "Units of work written (one thread hop and, alone, one transaction each)",
+            store.writes,
+            "",
+        ),
+        (
+            "tapsign_database_reads_total",
+            "counter",
+            "Read transactions (one thread hop each)",
+            store.reads,
+            "",
+        ),
+        (
             "tapsign_database_write_groups_total",
             "counter",
             "Transactions of grouped writes",
