@@ -27,10 +27,12 @@ in time is judged even if judging ends after the deadline. Nothing polls the dat
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import logging
 import secrets
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -193,7 +195,7 @@ def check_request(request: OperationRequest, settings: OperationSettings) -> int
     return seconds
 
 
-class Facts(msgspec.Struct, frozen=True, kw_only=True):
+class Facts(msgspec.Struct, frozen=True, kw_only=True, weakref=True):
     """What an actor holds besides its operation, to judge an answer without reading: the
     user, and the device asked to answer (None: a registration's device, not enrolled yet;
     or a user or device deleted meanwhile). The answer's write is conditional on them (a
@@ -968,6 +970,11 @@ class Supervisor:
         self._ended: Recent[UUID, Operation] = Recent(seconds=ENDED_SECONDS, size=ENDED_SIZE)
         self._watches: dict[UUID, _Watch] = {}
         self._nursery: trio.Nursery | None = None
+        self._spawning_context = contextvars.copy_context()
+        #: The facts actors hold, one object per user and device while any actor holds it.
+        self._facts: weakref.WeakValueDictionary[tuple[UUID, UUID], Facts] = (
+            weakref.WeakValueDictionary()
+        )
         self._started = 0
         self._resumed = 0
         self._changed_elsewhere = 0
@@ -976,6 +983,10 @@ class Supervisor:
         """Resume the stored pending operations, then supervise until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            # Actors start in the engine's context, not in that of the request that started
+            # them: a task keeps a copy of the context it was started from, and a request's
+            # (Quart keeps the request there) would stay alive with every pending operation.
+            self._spawning_context = contextvars.copy_context()
 
             def pending(connection: Connection) -> list[tuple[Operation, Facts]]:
                 return [
@@ -1020,9 +1031,14 @@ class Supervisor:
     def _spawn(self, operation: Operation, facts: Facts) -> OperationActor:
         if self._nursery is None:
             raise ServiceUnavailable("the engine is not running")
-        actor = OperationActor(self.context, operation, facts, on_end=self._forget)
+        # The operations of one user and device hold one copy of the same facts.
+        key = (operation.user_id, operation.device_id)
+        held = self._facts.get(key)
+        if held is None or held != facts:
+            self._facts[key] = held = facts
+        actor = OperationActor(self.context, operation, held, on_end=self._forget)
         self._actors[operation.id] = actor
-        self._nursery.start_soon(actor.run)
+        self._spawning_context.run(self._nursery.start_soon, actor.run)
         watch = self._watches.pop(operation.id, None)
         if watch is not None:
             watch.changed.set()  # its waiters now wait on the actor
