@@ -28,6 +28,7 @@ import trio
 from hypercorn.run import run as hypercorn_run
 
 from api.access import SCOPES, AccessKeys
+from api.benchmark import bench_memory_api
 from api.demo import DemoFailed, run_demo
 from api.server import hypercorn_config, serve
 from api.settings import Settings, load_settings
@@ -149,15 +150,20 @@ def bench_verify_command(settings: Settings, arguments: argparse.Namespace) -> N
 
 
 def bench_memory_command(settings: Settings, arguments: argparse.Namespace) -> None:
-    with _keyring(settings) as keyring:
-        report = bench_memory(keyring, count=arguments.operations)
+    reports = [bench_memory_api(settings, count=arguments.operations, config=arguments.config)]
+    if arguments.resumed:
+        with _keyring(settings) as keyring:
+            reports.append(bench_memory(keyring, count=arguments.operations))
     if arguments.json:
-        sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(report)) + b"\n")
+        sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(reports)) + b"\n")
         return
-    print(
-        f"{report.operations:,} pending operations: resident set {report.resident_before_mib} MiB"
-        f" -> {report.resident_after_mib} MiB, {report.bytes_per_operation:,.0f} bytes each"
-    )
+    how = {"api": "started through the API", "resumed": "resumed from the database"}
+    for report in reports:
+        print(
+            f"{report.operations:,} pending operations {how[report.path]}: resident set "
+            f"{report.resident_before_mib} MiB -> {report.resident_after_mib} MiB, "
+            f"{report.bytes_per_operation:,.0f} bytes each"
+        )
 
 
 def db_upgrade(settings: Settings, arguments: argparse.Namespace) -> None:
@@ -472,8 +478,15 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--concurrency", type=int, default=512, help="concurrent callers")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(handler=bench_verify_command)
-    memory = bench.add_parser("memory", help="resident memory per pending operation")
-    memory.add_argument("--operations", type=int, default=100_000)
+    memory = bench.add_parser(
+        "memory", help="resident memory per pending operation started through the API"
+    )
+    memory.add_argument("--operations", type=int, default=10_000)
+    memory.add_argument(
+        "--resumed",
+        action="store_true",
+        help="also per operation resumed from the database by an engine alone",
+    )
     memory.add_argument("--json", action="store_true", help="print the report as JSON")
     memory.set_defaults(handler=bench_memory_command)
 

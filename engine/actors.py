@@ -1,14 +1,16 @@
-"""Operations as actors: one Trio task per live operation, started by the supervisor.
+"""Operations as actors: one object per live operation, held by the supervisor.
 
 Theory of operation
 -------------------
-The :class:`Supervisor` starts an :class:`OperationActor` in its nursery for every pending
-operation: those it creates, and at start-up those the store still holds (each resumes
-with its remaining time, or expires at once). The actor owns its operation until it ends.
-It waits on a bounded inbox and on its deadline; the API talks to it by message (fetch,
-answer, cancel) and waits for the reply. It processes one message at a time, so an
-operation never judges two answers at once: the second finds the operation ended
-(PSD2 RTS art. 4(1): a challenge is accepted once).
+The :class:`Supervisor` holds an :class:`OperationActor` for every pending operation:
+those it creates, and at start-up those the store still holds (each resumes with its
+remaining time, or expires at once). The actor owns its operation until it ends. The API
+talks to it by message (fetch, answer, cancel) into a bounded inbox and waits for the
+reply; the supervisor's one timer posts the expiry when the deadline passes. An idle actor
+has no task: the first message starts one in the supervisor's nursery that processes the
+messages one at a time and ends when the inbox is empty, so an operation never judges two
+answers at once: the second finds the operation ended (PSD2 RTS art. 4(1): a challenge is
+accepted once).
 
 For each message the actor asks the pure state machine (engine/operations.py) what
 happens and performs the effects: verify through the batched verifier, persist with a
@@ -30,10 +32,12 @@ import contextlib
 import contextvars
 import functools
 import hashlib
+import heapq
 import logging
+import math
 import secrets
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -249,37 +253,33 @@ class _Message:
 class OperationActor:
     """Owns one pending operation until it ends; see the module docstring.
 
-    Its inbox is a short list (at most ``inbox_size`` messages) and at most one parked task,
-    the actor's own, rather than a Trio memory channel or a deque: a pending operation then
-    costs about 4 KiB, not twice that, which matters with a hundred thousand of them
-    (docs/discussion/performance.md).
+    An idle actor is a plain object, not a task: its inbox is a short list (at most
+    ``inbox_size`` messages) drained by a task the supervisor starts when the first message
+    arrives and that ends when the inbox is empty; its deadline is in the supervisor's
+    timer. A pending operation then costs its records and little more, which matters with
+    a hundred thousand of them (docs/discussion/performance.md).
     """
 
     __slots__ = (
+        "_busy",
         "_changed",
         "_closed",
         "_inbox",
-        "_on_end",
-        "_parked",
+        "_supervisor",
         "context",
         "facts",
         "operation",
     )
 
     def __init__(
-        self,
-        context: Context,
-        operation: Operation,
-        facts: Facts,
-        *,
-        on_end: Callable[[OperationActor], None],
+        self, context: Context, operation: Operation, facts: Facts, *, supervisor: Supervisor
     ) -> None:
         self.context = context
         self.operation = operation
         self.facts = facts
-        self._on_end = on_end
+        self._supervisor = supervisor
         self._inbox: list[_Message] = []
-        self._parked: trio.lowlevel.Task | None = None
+        self._busy = False  # a task drains the inbox
         self._closed = False
         #: Made when somebody waits for a change, dropped when the change happens.
         self._changed: trio.Event | None = None
@@ -297,19 +297,28 @@ class OperationActor:
             raise ServiceUnavailable("no reply from the transaction")
         return message.result.unwrap()
 
-    def _post(self, message: _Message) -> None:
+    def expire(self) -> None:
+        """The deadline passed (the supervisor's timer): end the operation as expired,
+        after the messages that arrived before (an answer in time is judged)."""
+        if not self._closed:
+            self._post(_Message(Expire()), bounded=False)
+
+    def _post(self, message: _Message, *, bounded: bool = True) -> None:
         if self._closed:
             raise OperationNotPending(f"the transaction is {self.operation.status}")
-        if len(self._inbox) >= self.context.settings.inbox_size:
+        if bounded and len(self._inbox) >= self.context.settings.inbox_size:
             raise Conflict("this transaction is busy with other requests; retry")
         self._inbox.append(message)
-        self._wake()
+        if not self._busy:
+            self._supervisor.start_soon(self._drain)
+            self._busy = True
 
     def refresh(self, stored: Operation) -> None:
         """Another process stored a newer version: take it, and end if it has ended."""
         if stored.version > self.operation.version:
             self._changed_to(stored)
-            self._wake()
+            if stored.phase.terminal and not self._busy:
+                self._close(OperationNotPending(f"the transaction is {stored.status}"))
 
     async def wait_for_change(self, version: int) -> Operation:
         """The operation once its version is past ``version`` (callers bound the wait)."""
@@ -321,44 +330,26 @@ class OperationActor:
 
     # -- the actor's side ------------------------------------------------------------------
 
-    async def _next_message(self) -> _Message | None:
-        """The next message; None when woken by :meth:`refresh` with nothing to read."""
-        if not self._inbox:
-            self._parked = trio.lowlevel.current_task()
-            await trio.lowlevel.wait_task_rescheduled(self._unpark)
-        return self._inbox.pop(0) if self._inbox else None
-
-    def _wake(self) -> None:
-        if self._parked is not None:
-            task, self._parked = self._parked, None
-            trio.lowlevel.reschedule(task)
-
-    def _unpark(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        self._parked = None  # the deadline passed while waiting: nothing will wake us now
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    async def run(self) -> None:
+    async def _drain(self) -> None:
         try:
-            while not self.operation.phase.terminal:
-                remaining = (self.operation.expires_at - self.context.clock()).total_seconds()
-                message = None
-                with trio.move_on_at(trio.current_time() + max(remaining, 0.0)) as waiting:
-                    message = await self._next_message()
-                if waiting.cancelled_caught:
-                    # Another process may have ended it first: then the operation is as
-                    # stored, and the loop ends.
-                    with contextlib.suppress(OperationNotPending):
-                        await self._end(Expire())
-                elif message is not None:
-                    await self._process(message)
+            while self._inbox and not self.operation.phase.terminal:
+                await self._process(self._inbox.pop(0))
         finally:
-            self._on_end(self)
+            self._busy = False
+            if self.operation.phase.terminal:
+                self._close(OperationNotPending(f"the transaction is {self.operation.status}"))
+            elif self._inbox:  # cancelled: the server is shutting down
+                self._close(ServiceUnavailable("tapsign is shutting down"))
+
+    def _close(self, error: Exception) -> None:
+        """No more messages: tell those still waiting ``error``, and leave the supervisor."""
+        if not self._closed:
             self._closed = True
-            ended = OperationNotPending(f"the transaction is {self.operation.status}")
-            while self._inbox:
-                message = self._inbox.pop(0)
-                message.result = outcome.Error(ended)
-                message.done.set()
+            self._supervisor.forget(self)
+        while self._inbox:
+            message = self._inbox.pop(0)
+            message.result = outcome.Error(error)
+            message.done.set()
 
     async def _process(self, message: _Message) -> None:
         try:
@@ -366,6 +357,11 @@ class OperationActor:
                 result: Any = await self._dispatch()
             elif isinstance(message.event, Cancel):
                 result = await self._end(Cancel())
+            elif isinstance(message.event, Expire):
+                # Another process may have ended it first: then the operation is as stored.
+                with contextlib.suppress(OperationNotPending):
+                    await self._end(Expire())
+                result = self.operation
             elif message.answer is not None:
                 result = await self._answer(message.answer, message.nonce)
             else:  # pragma: no cover - the supervisor only sends these three
@@ -969,6 +965,10 @@ class Supervisor:
         #: nothing (an ended operation never changes again).
         self._ended: Recent[UUID, Operation] = Recent(seconds=ENDED_SECONDS, size=ENDED_SIZE)
         self._watches: dict[UUID, _Watch] = {}
+        #: The deadlines of the live operations, earliest first (a heap); the timer task
+        #: sleeps until the first and is woken when an earlier one arrives.
+        self._deadlines: list[tuple[datetime, UUID]] = []
+        self._earlier_deadline = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._spawning_context = contextvars.copy_context()
         #: The facts actors hold, one object per user and device while any actor holds it.
@@ -983,10 +983,11 @@ class Supervisor:
         """Resume the stored pending operations, then supervise until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            # Actors start in the engine's context, not in that of the request that started
-            # them: a task keeps a copy of the context it was started from, and a request's
-            # (Quart keeps the request there) would stay alive with every pending operation.
+            # Actors' tasks start in the engine's context, not in that of the request that
+            # started them: a task keeps a copy of the context it was started from, and a
+            # request's (Quart keeps the request there) would stay alive as long as the task.
             self._spawning_context = contextvars.copy_context()
+            nursery.start_soon(self._expire_when_due)
 
             def pending(connection: Connection) -> list[tuple[Operation, Facts]]:
                 return [
@@ -1010,6 +1011,26 @@ class Supervisor:
             resumed=self._resumed,
             changed_elsewhere=self._changed_elsewhere,
         )
+
+    def start_soon(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run an actor's ``task`` in the supervisor's nursery."""
+        if self._nursery is None:
+            raise ServiceUnavailable("the engine is not running")
+        self._spawning_context.run(self._nursery.start_soon, task)
+
+    async def _expire_when_due(self) -> None:
+        """Tell each actor when its deadline has passed: one timer for all of them."""
+        while True:
+            now = self.context.clock()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, operation_id = heapq.heappop(self._deadlines)
+                actor = self._actors.get(operation_id)
+                if actor is not None:
+                    actor.expire()
+            self._earlier_deadline = trio.Event()
+            wait = (self._deadlines[0][0] - now).total_seconds() if self._deadlines else math.inf
+            with trio.move_on_after(wait):
+                await self._earlier_deadline.wait()
 
     def changed_elsewhere(self, operation_id: UUID, version: int) -> None:
         """Another process stored ``version`` of the operation (engine/peers.py)."""
@@ -1036,15 +1057,18 @@ class Supervisor:
         held = self._facts.get(key)
         if held is None or held != facts:
             self._facts[key] = held = facts
-        actor = OperationActor(self.context, operation, held, on_end=self._forget)
+        actor = OperationActor(self.context, operation, held, supervisor=self)
         self._actors[operation.id] = actor
-        self._spawning_context.run(self._nursery.start_soon, actor.run)
+        heapq.heappush(self._deadlines, (operation.expires_at, operation.id))
+        if self._deadlines[0][1] == operation.id:
+            self._earlier_deadline.set()
         watch = self._watches.pop(operation.id, None)
         if watch is not None:
             watch.changed.set()  # its waiters now wait on the actor
         return actor
 
-    def _forget(self, actor: OperationActor) -> None:
+    def forget(self, actor: OperationActor) -> None:
+        """``actor`` ended (its deadline's entry goes when it comes due)."""
         if self._actors.get(actor.operation.id) is actor:
             del self._actors[actor.operation.id]
         if actor.operation.phase.terminal:

@@ -1,9 +1,10 @@
-"""``tapsign bench memory``: resident memory per pending operation.
+"""``tapsign bench memory``, its second figure: resident memory per *resumed* operation.
 
-Stores ``count`` pending operations in a scratch SQLite database, starts an engine on it
-(whose supervisor resumes every one of them as an actor, as after a restart), and reports
-the growth of the process's resident set divided by ``count``. Resuming is the same path
-that starting takes after the database write, without ``count`` separate transactions.
+Stores ``count`` pending operations (one per user, each user with one phone) in a scratch
+SQLite database, starts an engine on it (whose supervisor resumes every one of them as an
+actor, as after a restart), and reports the growth of the process's resident set divided
+by ``count``. The first figure, memory per operation started through the API, is
+``api/benchmark.py``'s; this one isolates the engine from the HTTP server.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from uuid import uuid4
 import msgspec
 import trio
 import trio.testing
+from sqlalchemy.engine import Connection
 
 from engine import store as db
 from engine.model import Device, DeviceStatus, Operation, Payee, Payment, Phase, User, UserStatus
@@ -32,6 +34,8 @@ from tapsign_sdk.model import OperationKind
 
 
 class MemoryReport(msgspec.Struct, frozen=True, kw_only=True):
+    #: "api": started over HTTP (api/benchmark.py); "resumed": from the database.
+    path: str
     operations: int
     resident_before_mib: float
     resident_after_mib: float
@@ -46,32 +50,46 @@ def resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # pragma: no cover - macOS
 
 
-def _seed(engine: Engine, count: int) -> None:
+def seed_users(connection: Connection, count: int) -> list[tuple[User, Device]]:
+    """``count`` active users named ``memory-bench-N``, each with one active phone."""
     now = datetime.now(UTC)
-    user = User(
-        id=uuid4(),
-        username="memory-bench",
-        status=UserStatus.ACTIVE,
-        attributes={},
-        created_at=now,
-        updated_at=now,
-    )
-    device = Device(
-        id=uuid4(),
-        user_id=user.id,
-        name="phone",
-        platform="ios",
-        public_key=b"\x04" + secrets.token_bytes(64),
-        status=DeviceStatus.ACTIVE,
-        enrolled_at=now,
-        updated_at=now,
-    )
-    payment = Payment(amount="42.00", currency="EUR", payee=Payee(name="Shop", account="DE89 3704"))
-    with engine.store.transaction(write=True) as connection:
+    users = [
+        User(
+            id=uuid4(),
+            username=f"memory-bench-{number}",
+            status=UserStatus.ACTIVE,
+            attributes={},
+            created_at=now,
+            updated_at=now,
+        )
+        for number in range(count)
+    ]
+    devices = [
+        Device(
+            id=uuid4(),
+            user_id=user.id,
+            name="phone",
+            platform="ios",
+            public_key=b"\x04" + secrets.token_bytes(64),
+            status=DeviceStatus.ACTIVE,
+            enrolled_at=now,
+            updated_at=now,
+        )
+        for user in users
+    ]
+    for user, device in zip(users, devices, strict=True):
         db.insert_user(connection, user)
         db.insert_device(connection, device)
-        for start in range(0, count, 10_000):
-            batch = [
+    return list(zip(users, devices, strict=True))
+
+
+def _seed(engine: Engine, count: int) -> None:
+    now = datetime.now(UTC)
+    payment = Payment(amount="42.00", currency="EUR", payee=Payee(name="Shop", account="DE89 3704"))
+    with engine.store.transaction(write=True) as connection:
+        db.insert_operations(
+            connection,
+            [
                 Operation(
                     id=uuid4(),
                     kind=OperationKind.AUTHORISATION,
@@ -87,9 +105,9 @@ def _seed(engine: Engine, count: int) -> None:
                     payment=payment,
                     require_user_verification=True,
                 )
-                for _ in range(min(10_000, count - start))
-            ]
-            db.insert_operations(connection, batch)
+                for user, device in seed_users(connection, count)
+            ],
+        )
 
 
 async def _measure(keyring: Keyring, count: int, directory: str) -> MemoryReport:
@@ -116,6 +134,7 @@ async def _measure(keyring: Keyring, count: int, directory: str) -> MemoryReport
         after = resident_bytes()
         nursery.cancel_scope.cancel()
     return MemoryReport(
+        path="resumed",
         operations=count,
         resident_before_mib=round(before / 2**20, 1),
         resident_after_mib=round(after / 2**20, 1),

@@ -184,13 +184,20 @@ def test_database_upgrade_and_audit_verification(workdir: Path) -> None:
 
 
 def test_bench_memory_reports_bytes_per_pending_operation(workdir: Path) -> None:
+    """Both figures: approvals started through a server's API, and operations resumed."""
     set_up(workdir)
-    report = json.loads(
-        run(workdir, str(TAPSIGN), "bench", "memory", "--operations", "2000", "--json").stdout
+    reports = json.loads(
+        run(
+            workdir, str(TAPSIGN), "bench", "memory", "--operations", "300", "--resumed", "--json"
+        ).stdout
     )
-    assert report["operations"] == 2000
-    assert report["resident_after_mib"] > report["resident_before_mib"]
-    assert report["bytes_per_operation"] > 0
+    assert [report["path"] for report in reports] == ["api", "resumed"]
+    for report in reports:
+        assert report["operations"] == 300
+        assert report["bytes_per_operation"] == pytest.approx(
+            (report["resident_after_mib"] - report["resident_before_mib"]) * 2**20 / 300,
+            abs=0.05 * 2**20 / 300 * 2 + 1,
+        )
 
 
 def test_signed_checkpoints_find_a_rewrite_of_the_whole_trail(workdir: Path) -> None:
