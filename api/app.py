@@ -7,6 +7,7 @@ unexpected as a generic 500 whose details go to the log, never to the caller.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -27,7 +28,15 @@ from api import device, relying_party
 from api.exchange import CompleteExchanges
 from api.metrics import metrics_text
 from api.openapi import api_page, openapi_document
-from api.routing import Auth, Call, Services, problem_response, record_refusal, route
+from api.routing import (
+    Auth,
+    Call,
+    Services,
+    problem_response,
+    record_refusal,
+    route,
+    routes_of,
+)
 from hsm.keyring import KeyPurpose
 from tapsign_sdk.problems import Forbidden, ServiceUnavailable, TapsignError, Unauthorized
 
@@ -68,6 +77,7 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
         app.asgi_app, max_body_bytes=max_body_bytes
     )
     engine = services.engine
+    engine_scope = trio.CancelScope()
 
     async def run_engine(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The engine, for as long as the server runs. Should it stop on an error, the
@@ -75,7 +85,8 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
         shuts down (``tapsign serve`` then exits with status 1, for its supervisor to
         restart it; everything acknowledged is stored, tests/e2e/test_crash.py)."""
         try:
-            await engine.run(task_status=task_status)
+            with engine_scope:
+                await engine.run(task_status=task_status)
         except Exception:
             log.critical("the engine stopped on an error; shutting down", exc_info=True)
             app.config[ENGINE_FAILED] = True
@@ -85,6 +96,12 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
     @app.before_serving
     async def start_engine() -> None:
         await app.nursery.start(run_engine)
+
+    @app.after_serving
+    async def stop_engine() -> None:
+        """Requests are served by now: stop the engine at once rather than at the end of
+        Quart's grace for background tasks (five seconds)."""
+        engine_scope.cancel()
 
     @app.before_request
     async def name_the_request() -> None:
@@ -220,10 +237,7 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
     )
     async def openapi(call: Call) -> Response:
         """Generated from the routes and their wire types."""
-        return Response(
-            msgspec.json.encode(openapi_document(services.base_url)),
-            content_type="application/json",
-        )
+        return Response(openapi_json(), content_type="application/json")
 
     @route(
         app,
@@ -237,6 +251,10 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
     )
     async def docs(call: Call) -> Response:
         """Every route with its description, parameters and body fields."""
-        return Response(api_page(services.base_url), content_type="text/html; charset=utf-8")
+        return Response(api_html(), content_type="text/html; charset=utf-8")
 
+    # Made once, on first use: the routes are all registered by then.
+    document = functools.cache(lambda: openapi_document(routes_of(app), services.base_url))
+    openapi_json = functools.cache(lambda: msgspec.json.encode(document()))
+    api_html = functools.cache(lambda: api_page(document()))
     return app

@@ -7,14 +7,14 @@ authentication, body and response types; the schemas come from the msgspec wire 
 
 from __future__ import annotations
 
-import functools
 import html
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
-from api.routing import ROUTES, Auth, RouteSpec
+from api.routing import Auth, RouteSpec
 from tapsign_sdk.wire import Problem
 
 _SECURITY: dict[Auth, list[dict[str, list[str]]]] = {
@@ -26,18 +26,18 @@ _SECURITY: dict[Auth, list[dict[str, list[str]]]] = {
 }
 
 
-def _types() -> list[Any]:
+def _types(routes: Sequence[RouteSpec]) -> list[Any]:
     found: list[Any] = [Problem]
-    for spec in ROUTES:
+    for spec in routes:
         for kind in (spec.request, spec.response):
             if kind is not None and kind is not str and kind not in found:
                 found.append(kind)
     return found
 
 
-@functools.cache
-def openapi_document(base_url: str) -> dict[str, Any]:
-    types = _types()
+def openapi_document(routes: Sequence[RouteSpec], base_url: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``routes`` (an app's: api/routing.py's routes_of)."""
+    types = _types(routes)
     schemas, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
     )
@@ -45,7 +45,7 @@ def openapi_document(base_url: str) -> dict[str, Any]:
     schema_of = dict(zip((id(kind) for kind in types), schemas, strict=True))
     problem = {"application/problem+json": {"schema": schema_of[id(Problem)]}}
     paths: dict[str, dict[str, Any]] = {}
-    for spec in ROUTES:
+    for spec in routes:
         operation: dict[str, Any] = {
             "operationId": spec.method.lower()
             + spec.path.replace("/", "_")
@@ -146,10 +146,8 @@ def _response(spec: RouteSpec, schema_of: dict[int, Any]) -> dict[str, Any]:
     }
 
 
-@functools.cache
-def api_page(base_url: str) -> str:
-    """A plain HTML page of the API, from the OpenAPI document."""
-    document = openapi_document(base_url)
+def api_page(document: dict[str, Any]) -> str:
+    """A plain HTML page of the API, from its OpenAPI ``document``."""
     components = document["components"]["schemas"]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>tapsign API</title>",

@@ -118,7 +118,8 @@ class RouteSpec:
     path_parameters: tuple[str, ...] = field(default=())
 
 
-ROUTES: list[RouteSpec] = []
+#: Where an app keeps its route table (``app.extensions``), read by :func:`routes_of`.
+ROUTES_EXTENSION = "tapsign.routes"
 _encoder = msgspec.json.Encoder()
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 _AT = re.compile(r"at `\$\.?([^`]*)`|field `([^`]*)`")
@@ -218,6 +219,12 @@ async def _authenticate(spec: RouteSpec, call: Call, body: bytes, path: dict[str
 Handler = Callable[..., Awaitable[Any]]
 
 
+def routes_of(app: Quart) -> list[RouteSpec]:
+    """The routes registered on ``app``, in order (its OpenAPI document is made of them)."""
+    routes: list[RouteSpec] = app.extensions.setdefault(ROUTES_EXTENSION, [])
+    return routes
+
+
 def route(
     app: Quart,
     services: Services,
@@ -261,7 +268,7 @@ def route(
             description=(handler.__doc__ or "").strip(),
             path_parameters=parameters,
         )
-        ROUTES.append(spec)
+        routes_of(app).append(spec)
 
         device_api = path.startswith("/device/")
 
