@@ -10,12 +10,15 @@ VAR    := var
 .PHONY: run test setup system-packages venv hsm db lint loadtest crashtest fuzz
 
 # make loadtest SCENARIO=mixed USERS=32 SPAWN_RATE=16 DURATION=60s [URL=… ACCESS_KEY=…]
+#   [DATABASE_URL=postgresql+psycopg://root@127.0.0.1:5432/test: the started server on
+#   PostgreSQL, in a scratch schema of that database dropped afterwards]
 SCENARIO   ?= mixed
 USERS      ?= 32
 SPAWN_RATE ?= 16
 DURATION   ?= 60s
 URL        ?=
 ACCESS_KEY ?=
+DATABASE_URL ?=
 SERVER_WORKERS ?= 0
 
 run: setup
@@ -32,7 +35,8 @@ loadtest: setup
 	@echo "==> Locust, scenario $(SCENARIO), $(USERS) users, $(DURATION), report in loadtests/reports/"
 	$(BIN)/python -m loadtests.run --scenario $(SCENARIO) --users $(USERS) \
 	  --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --server-workers $(SERVER_WORKERS) \
-	  $(if $(URL),--url $(URL)) $(if $(ACCESS_KEY),--access-key $(ACCESS_KEY))
+	  $(if $(URL),--url $(URL)) $(if $(ACCESS_KEY),--access-key $(ACCESS_KEY)) \
+	  $(if $(DATABASE_URL),--database-url $(DATABASE_URL))
 
 # make crashtest CYCLES=20 CLIENTS=8: SIGKILL the server under load, restart, check (tests/e2e/crash.py)
 CYCLES  ?= 20

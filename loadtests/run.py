@@ -1,6 +1,7 @@
 """``make loadtest``: run a Locust scenario headless against tapsign and write a report.
 
-Starts a server (SQLite and SoftHSM2 in a scratch directory, like ``make run``) unless
+Starts a server (SQLite and SoftHSM2 in a scratch directory, like ``make run``; with
+``--database-url`` on PostgreSQL instead, in a scratch schema dropped afterwards) unless
 ``--url`` names one, runs Locust for a bounded time against it, samples the server's CPU
 and resident memory every second, and writes into ``loadtests/reports/<timestamp>/``:
 Locust's CSVs and HTML report, ``timings.csv`` (every transaction, exact),
@@ -12,6 +13,7 @@ Prints one summary line. See loadtests/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
@@ -21,11 +23,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,21 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     options = _options(argv)
     report = ROOT / "loadtests" / "reports" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     report.mkdir(parents=True)
-    server = None
-    try:
+    with contextlib.ExitStack() as stack:
         if options.url:
             url, access_key, pid = options.url.rstrip("/"), options.access_key, None
             if not access_key:
                 print("--url needs --access-key (or TAPSIGN_LOADTEST_ACCESS_KEY)", file=sys.stderr)
                 return 2
         else:
-            server, url, access_key = start_server(report / "server", options.server_workers)
+            database = stack.enter_context(scratch_schema(options.database_url))
+            server, url, access_key = start_server(
+                report / "server", options.server_workers, database_url=database
+            )
+            stack.callback(_stop, server)
             pid = server.pid
         summary = _run(options, report, url, access_key, pid)
-    finally:
-        if server is not None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=60)
     (report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"{summary['scenario']}: {summary['transactions_per_second']:.0f} tx/s "
@@ -65,6 +68,31 @@ def main(argv: list[str] | None = None) -> int:
         f"RSS {summary['server']['rss_mib_max']:.0f} MiB -> {report.relative_to(ROOT)}"
     )
     return 0 if summary["failed_transactions"] == 0 and summary["http_errors"] == 0 else 1
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def scratch_schema(database_url: str | None) -> Iterator[str | None]:
+    """A PostgreSQL URL whose tables go to a new schema, dropped on the way out (the
+    load test starts empty and leaves nothing behind); None (SQLite) stays None."""
+    if database_url is None:
+        yield None
+        return
+    schema = f"loadtest_{datetime.now(UTC):%Y%m%d%H%M%S}_{os.getpid()}"
+    admin = sa.create_engine(database_url)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    url = sa.make_url(database_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
 
 
 def _options(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +114,11 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
         help="workers of the started server (0, the server's default: one per core)",
     )
     parser.add_argument("--locust-processes", type=int, default=1, help="Locust worker processes")
+    parser.add_argument(
+        "--database-url",
+        help="the started server's database, e.g. postgresql+psycopg://root@127.0.0.1/test "
+        "(a scratch schema in it); none: SQLite in the scratch directory",
+    )
     return parser.parse_args(argv)
 
 
@@ -96,7 +129,9 @@ def free_port() -> int:
         return port
 
 
-def start_server(directory: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_server(
+    directory: Path, workers: int, *, database_url: str | None = None
+) -> tuple[subprocess.Popen[bytes], str, str]:
     directory.mkdir()
     tapsign = str(BIN / "tapsign")
     environment = {
@@ -106,6 +141,8 @@ def start_server(directory: Path, workers: int) -> tuple[subprocess.Popen[bytes]
     # device API's rate limits, meant for real phones, are off for the server started here.
     environment["TAPSIGN_RATELIMIT_ADDRESS_PER_SECOND"] = "0"
     environment["TAPSIGN_RATELIMIT_DEVICE_PER_SECOND"] = "0"
+    if database_url is not None:
+        environment["TAPSIGN_DATABASE_URL"] = database_url
     subprocess.run(  # noqa: S603 - our own scripts
         [str(ROOT / "softhsm-config" / "init-token.sh"), "var", tapsign],
         cwd=directory,
@@ -322,6 +359,11 @@ def _summary(
         "machine_cores": os.cpu_count(),
         # The started server's processes; None for a server given by --url.
         "server_workers": None if options.url else options.server_workers or os.cpu_count(),
+        "database": "given by --url"
+        if options.url
+        else "postgresql"
+        if options.database_url
+        else "sqlite",
         "transactions": len(ok),
         "transactions_by_scenario": by_scenario,
         "failed_transactions": failed,

@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from hsm.settings import default_module
-from loadtests.costs import measure
+from loadtests.costs import main
+
+ROWS = [
+    "bare Hypercorn ASGI app, GET /healthz",
+    "tapsign GET /healthz",
+    "POST /api/v1/approval (payment)",
+    "GET /device/v1/operations/{id} (fetch)",
+    "POST /device/v1/operations/{id}/answer",
+    "POST /api/v1/status (final)",
+    "complete transaction (the four calls)",
+]
 
 
-def test_every_call_of_a_transaction_is_measured() -> None:
+def test_costs_runs_complete_transactions_and_reports_every_call(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every transaction must end ``succeeded`` (else the command fails), and each call is
+    reported with its ratio to the bare app measured in the same run."""
     if not Path(default_module()).is_file():
         pytest.skip("SoftHSM2 is not installed: run 'make test' to install it")
-    costs = measure(5)
-    steps = [name for name in costs if name.startswith(("POST", "GET /device"))]
-    assert len(steps) == 4
-    # CPU time is counted in clock ticks: a few cheap calls may round to nothing, never
-    # below; five complete transactions always show.
-    assert all(cost >= 0 for cost in costs.values())
-    assert costs["complete transaction (the four calls)"] > 0
-    assert costs["complete transaction (the four calls)"] == pytest.approx(
-        sum(costs[name] for name in steps)
-    )
+    assert main(["--transactions", "5"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header == "server CPU per call, sequential, one client, 5 of each:"
+    parsed = [
+        re.fullmatch(r"  (.+?) +(\d+\.\d\d) ms +(\d+\.\d)x the bare app", row) for row in rows
+    ]
+    assert [match.group(1) for match in parsed if match] == ROWS
