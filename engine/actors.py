@@ -85,6 +85,7 @@ from engine.operations import (
     State,
     Transition,
     Verdict,
+    consequences,
     handle,
     judge,
     precheck,
@@ -831,77 +832,51 @@ def _record_answer(
         )
     registered = operation.kind is OperationKind.REGISTRATION
     device = None if registered else facts.device
-    if device is not None and (verdict.failed_attempt or verdict.verified):
-        changes: dict[str, Any] = {"updated_at": now}
-        if verdict.failed_attempt:
-            changes["failed_attempts"] = device.failed_attempts + 1
-            if (
-                changes["failed_attempts"] >= max_failed_attempts
-                and device.status is DeviceStatus.ACTIVE
-            ):
-                # PSD2 RTS art. 4(3)(b): at most five consecutive failures, then blocked.
-                changes["status"] = DeviceStatus.LOCKED
-                db.append_audit(
+    decided = consequences(
+        verdict,
+        device=device,
+        user=user,
+        counter=answer.counter,
+        now=now,
+        max_failed_attempts=max_failed_attempts,
+    )
+    for note in decided.notes:
+        if note.action == "device.counter-not-increasing":
+            log.warning("non-increasing signature counter from device %s", operation.device_id)
+        db.append_audit(
+            connection,
+            at=now,
+            actor="system",
+            action=note.action,
+            outcome=note.outcome,
+            operation_id=operation.id,
+            user_id=operation.user_id,
+            device_id=operation.device_id,
+            reason=note.reason,
+        )
+    if decided.device is not None and device is not None:
+        if not db.update_device_if(connection, decided.device, was=device):
+            return items, None
+        device = decided.device
+        if decided.locked and operation.callback_url:
+            items.append(
+                outbox_row(
                     connection,
-                    at=now,
-                    actor="system",
-                    action="device.locked",
-                    outcome="ok",
-                    operation_id=operation.id,
-                    user_id=operation.user_id,
-                    device_id=device.id,
-                    reason=f"{changes['failed_attempts']} consecutive failed verifications",
+                    operation,
+                    now,
+                    event="authenticator.locked",
+                    body={
+                        "authenticatorId": str(device.id),
+                        "userId": str(device.user_id),
+                        "failedAttempts": device.failed_attempts,
+                    },
+                    lease_until=lease_until,
                 )
-                if operation.callback_url:
-                    items.append(
-                        outbox_row(
-                            connection,
-                            operation,
-                            now,
-                            event="authenticator.locked",
-                            body={
-                                "authenticatorId": str(device.id),
-                                "userId": str(device.user_id),
-                                "failedAttempts": changes["failed_attempts"],
-                            },
-                            lease_until=lease_until,
-                        )
-                    )
-        else:
-            if (device.counter or answer.counter) and answer.counter <= device.counter:
-                # A counter that does not increase suggests a cloned key (WebAuthn §6.1.1):
-                # recorded as a risk signal, not a failure.
-                log.warning("non-increasing signature counter from device %s", device.id)
-                db.append_audit(
-                    connection,
-                    at=now,
-                    actor="system",
-                    action="device.counter-not-increasing",
-                    outcome="risk",
-                    operation_id=operation.id,
-                    user_id=operation.user_id,
-                    device_id=device.id,
-                    reason=f"counter {answer.counter} after {device.counter}",
-                )
-            changes.update(
-                failed_attempts=0, counter=max(device.counter, answer.counter), last_used_at=now
             )
-        changed = msgspec.structs.replace(device, **changes)
-        if not db.update_device_if(connection, changed, was=device):
+    if decided.user is not None and user is not None:
+        if not db.update_user_if(connection, decided.user, status_was=user.status.value):
             return items, None
-        device = changed
-    if user is not None and (verdict.failed_attempt or verdict.verified):
-        user_changes: dict[str, Any] = {"updated_at": now}
-        if succeeded:
-            user_changes["last_login_at"] = now
-            if user.status is UserStatus.NEW:
-                user_changes["status"] = UserStatus.ACTIVE
-        elif verdict.failed_attempt:
-            user_changes["last_failed_login_at"] = now
-        changed_user = msgspec.structs.replace(user, **user_changes)
-        if not db.update_user_if(connection, changed_user, status_was=user.status.value):
-            return items, None
-        user = changed_user
+        user = decided.user
     return items, Facts(user=user, device=device)
 
 

@@ -36,10 +36,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
+import msgspec
+
 from engine.errors import IllegalTransition
-from engine.model import DeviceStatus, FailureReason, Phase, UserStatus
+from engine.model import Device, DeviceStatus, FailureReason, Phase, User, UserStatus
 from tapsign_sdk.model import Decision, UserVerification
 
 
@@ -209,6 +212,97 @@ def judge(
             failed_attempt=True,
         )
     return Verdict(succeeded=True, verified=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """An audit entry a decision asks for, written in the transaction that stores it."""
+
+    action: str
+    outcome: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Consequences:
+    """What a judged answer does to its device and user, as data for the runtime to store:
+    the records as they must be stored (None: unchanged), the audit entries, and whether
+    this answer locked the device (the ``authenticator.locked`` callback)."""
+
+    device: Device | None
+    user: User | None
+    notes: tuple[Note, ...] = ()
+    locked: bool = False
+
+
+def consequences(
+    verdict: Verdict,
+    *,
+    device: Device | None,
+    user: User | None,
+    counter: int,
+    now: datetime,
+    max_failed_attempts: int,
+) -> Consequences:
+    """The PSD2 rules on the device and the user once an answer is judged.
+
+    A failed attempt counts against the device, and the count reaching
+    ``max_failed_attempts`` locks it (RTS art. 4(3)(b): at most five consecutive failures);
+    a verified signature resets the count and advances the device's signature counter,
+    where a counter that does not increase is recorded as a risk signal (a cloned key,
+    WebAuthn §6.1.1), not a failure. A success marks the user's login and activates a new
+    user. A verdict reached without verifying anything (a locked device, an inactive user)
+    changes neither. ``device`` is None for a registration (its device is new).
+    """
+    if not (verdict.failed_attempt or verdict.verified):
+        return Consequences(device=None, user=None)
+    notes: list[Note] = []
+    locked = False
+    changed_device = None
+    if device is not None:
+        if verdict.failed_attempt:
+            failed = device.failed_attempts + 1
+            locked = failed >= max_failed_attempts and device.status is DeviceStatus.ACTIVE
+            if locked:
+                notes.append(
+                    Note("device.locked", "ok", f"{failed} consecutive failed verifications")
+                )
+            changed_device = msgspec.structs.replace(
+                device,
+                failed_attempts=failed,
+                status=DeviceStatus.LOCKED if locked else device.status,
+                updated_at=now,
+            )
+        else:
+            if (device.counter or counter) and counter <= device.counter:
+                notes.append(
+                    Note(
+                        "device.counter-not-increasing",
+                        "risk",
+                        f"counter {counter} after {device.counter}",
+                    )
+                )
+            changed_device = msgspec.structs.replace(
+                device,
+                failed_attempts=0,
+                counter=max(device.counter, counter),
+                last_used_at=now,
+                updated_at=now,
+            )
+    changed_user = None
+    if user is not None:
+        if verdict.succeeded:
+            changed_user = msgspec.structs.replace(
+                user,
+                last_login_at=now,
+                status=UserStatus.ACTIVE if user.status is UserStatus.NEW else user.status,
+                updated_at=now,
+            )
+        elif verdict.failed_attempt:
+            changed_user = msgspec.structs.replace(user, last_failed_login_at=now, updated_at=now)
+        else:
+            changed_user = msgspec.structs.replace(user, updated_at=now)
+    return Consequences(device=changed_device, user=changed_user, notes=tuple(notes), locked=locked)
 
 
 def mermaid() -> str:
