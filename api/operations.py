@@ -1,4 +1,6 @@
-"""The relying-party API (``/api/v1``, Bearer access key).
+"""The relying party's operations (``/api/v1``, Bearer access key or intent token):
+enrolment, approval, signature, their status, a transaction by id and its cancellation,
+and intent tokens for a front end.
 
 Paths, field names, status codes and status values follow Nevis Authentication Cloud
 where it has the same endpoint (enroll, approval, status, introspect, intent, users,
@@ -15,12 +17,13 @@ import msgspec
 import trio
 from quart import Quart, request
 
+from api.authenticators import authenticator_view
 from api.qr import qr_code
-from api.routing import Auth, Call, Services, record_refusal, route
+from api.routing import Auth, Call, Services, route
 from engine.actors import StartedOperation, check_request
 from engine.callbacks import check_callback_url
 from engine.errors import OperationNotFound, UserNotFound
-from engine.model import Device, DeviceStatus, Operation, OperationRequest, Payee, Payment, User
+from engine.model import DeviceStatus, Operation, OperationRequest, Payee, Payment, User
 from engine.recent import Recent
 from engine.store import AccessKeyRecord
 from engine.tokens import INTENT_LIFETIME, TokenKind
@@ -32,34 +35,6 @@ LONG_POLL_LIMIT = 30.0
 #: What a front end holding an intent token may set itself: which of the intent's user's
 #: identifiers it gives, and the channel.
 _FRONT_END_FIELDS = frozenset({"username", "user_id", "channel"})
-
-
-def authenticator_view(device: Device) -> wire.Authenticator:
-    return wire.Authenticator(
-        authenticator_id=device.id,
-        name=device.name,
-        type=device.platform,
-        state=device.status.value,
-        enrolled_at=device.enrolled_at,
-        updated_at=device.updated_at,
-        last_used_at=device.last_used_at,
-        failed_attempts=device.failed_attempts,
-        attestation=device.attestation,
-    )
-
-
-def user_view(user: User, devices: list[Device]) -> wire.User:
-    return wire.User(
-        user_id=user.id,
-        username=user.username,
-        status=user.status.value,
-        created_at=user.created_at,
-        updated_at=user.updated_at,
-        last_login_date_success=user.last_login_at,
-        last_login_date_failure=user.last_failed_login_at,
-        attributes=user.attributes,
-        authenticators=[authenticator_view(device) for device in devices],
-    )
 
 
 def register(app: Quart, services: Services) -> None:
@@ -514,256 +489,3 @@ def register(app: Quart, services: Services) -> None:
             claims=claims,
         )
         return wire.IntentToken(token=token, expires_at=expires_at)
-
-    @route(
-        app,
-        services,
-        "POST",
-        "/api/v1/introspect",
-        summary="Token introspection (RFC 7662)",
-        tag="operations",
-        auth=Auth.ACCESS_KEY,
-        scope="introspect",
-        form=True,
-        response=wire.Introspection,
-    )
-    async def introspect(call: Call, form: dict[str, str]) -> wire.Introspection:
-        """Form-encoded ``token=…``: an access key, or a status, dispatch, result or intent
-        token. Anything expired, consumed, forged or unknown is ``{"active": false}`` and
-        nothing more. A result token is consumed by its first introspection."""
-        token = form.get("token", "")
-        inactive = wire.Introspection(active=False)
-        if token.startswith("tsk_"):
-            try:
-                key = await services.access_keys.verify(token)
-            except Unauthorized as exc:
-                # Not active, and nothing else said; but a guessed key is audited as a
-                # refusal like any other (RTS art. 4(3)(a)).
-                await record_refusal(services, exc, call.actor)
-                return inactive
-            return wire.Introspection(
-                active=True,
-                token_type="access_key",  # noqa: S106 - a token type name
-                iat=int(key.created_at.timestamp()),
-                sub=key.id,
-                aud="api",
-                iss=services.tokens.issuer,
-                scope=" ".join(sorted(key.scopes)),
-            )
-        found = services.tokens.kind_of(token)
-        if found is None:
-            return inactive
-        kind, claims = found
-        if kind is TokenKind.RESULT and not await services.tokens.consume(claims):
-            return inactive
-        transaction_id = claims.get("txn") or (
-            claims["sub"] if kind in (TokenKind.STATUS, TokenKind.DISPATCH) else None
-        )
-        status_value = None
-        if transaction_id is not None:
-            try:
-                status_value = (await supervisor.get(UUID(str(transaction_id)))).status
-            except (OperationNotFound, ValueError):
-                return inactive
-        return wire.Introspection(
-            active=True,
-            token_type=kind.value,
-            iat=claims.get("iat"),
-            exp=claims.get("exp"),
-            sub=str(claims.get("sub")),
-            aud=str(claims.get("aud")),
-            iss=str(claims.get("iss")),
-            transaction_id=None if transaction_id is None else str(transaction_id),
-            user_id=str(claims["sub"]) if kind is TokenKind.RESULT else None,
-            status=status_value,
-        )
-
-    # -- users and authenticators ---------------------------------------------------------
-
-    async def full_user(user: User) -> wire.User:
-        return user_view(user, await identity.list_devices(user.id))
-
-    @route(
-        app,
-        services,
-        "POST",
-        "/api/v1/users",
-        summary="Create a user",
-        tag="users",
-        auth=Auth.ACCESS_KEY,
-        scope="users",
-        body=wire.CreateUser,
-        response=wire.User,
-        status=201,
-    )
-    async def create_user(call: Call, body: wire.CreateUser) -> wire.User:
-        """A user without a device yet (status ``new``); 409 ``username-taken`` if taken."""
-        user = await identity.create_user(body.username, body.attributes, actor=call.actor)
-        return user_view(user, [])
-
-    @route(
-        app,
-        services,
-        "GET",
-        "/api/v1/users",
-        summary="Find a user by username",
-        tag="users",
-        auth=Auth.ACCESS_KEY,
-        scope="users",
-        response=wire.User,
-    )
-    async def find_user(call: Call) -> wire.User:
-        """``?username=…``; 404 ``user-not-found`` if there is none."""
-        username = request.args.get("username")
-        if not username:
-            raise InvalidInput("give ?username=", field="username")
-        return await full_user(await identity.find_user(username))
-
-    @route(
-        app,
-        services,
-        "GET",
-        "/api/v1/users/{userId}",
-        summary="Get a user",
-        tag="users",
-        auth=Auth.ACCESS_KEY,
-        scope="users",
-        response=wire.User,
-    )
-    async def get_user(call: Call, user_id: UUID) -> wire.User:
-        """The user with attributes and ``authenticators[]``."""
-        return await full_user(await identity.get_user(user_id))
-
-    @route(
-        app,
-        services,
-        "PATCH",
-        "/api/v1/users/{userId}/attributes",
-        summary="Set and remove attributes",
-        tag="users",
-        auth=Auth.ACCESS_KEY,
-        scope="users",
-        body=wire.UpdateAttributes,
-        response=wire.User,
-    )
-    async def update_attributes(
-        call: Call, body: wire.UpdateAttributes, user_id: UUID
-    ) -> wire.User:
-        """Sets the keys of ``set`` and removes those of ``remove``; at most 32 keys remain."""
-        user = await identity.update_attributes(
-            user_id, set_attributes=body.set, remove=body.remove, actor=call.actor
-        )
-        return await full_user(user)
-
-    def user_action(action: str, summary: str, description: str) -> None:
-        @route(
-            app,
-            services,
-            "POST",
-            f"/api/v1/users/{{userId}}/{action}",
-            summary=summary,
-            tag="users",
-            auth=Auth.ACCESS_KEY,
-            scope="users",
-            response=wire.User,
-        )
-        async def change(call: Call, user_id: UUID) -> wire.User:
-            if action == "lock":
-                user = await identity.lock_user(user_id, actor=call.actor)
-            elif action == "unlock":
-                user = await identity.unlock_user(user_id, actor=call.actor)
-            else:
-                user = await engine.deactivate_user(user_id, actor=call.actor)
-                for device in await identity.list_devices(user_id):
-                    services.devices.forget(device.id)  # refused from the next request on
-            return await full_user(user)
-
-        change.__doc__ = description
-
-    user_action("lock", "Lock a user", "A locked user cannot start or complete operations.")
-    user_action("unlock", "Unlock a user", "Active again (``new`` if no device is enrolled).")
-    user_action(
-        "deactivate",
-        "Deactivate a user (final)",
-        "Final: every authenticator of the user is revoked at once (PSD2 RTS art. 27) and "
-        "pending transactions are cancelled.",
-    )
-
-    @route(
-        app,
-        services,
-        "DELETE",
-        "/api/v1/users/{userId}",
-        summary="Delete a user",
-        tag="users",
-        auth=Auth.ACCESS_KEY,
-        scope="users",
-        status=204,
-    )
-    async def delete_user(call: Call, user_id: UUID) -> None:
-        """Deletes the user and its authenticators (204); the audit trail keeps its entries."""
-        devices = await identity.list_devices(user_id)
-        await engine.delete_user(user_id, actor=call.actor)
-        for device in devices:
-            services.devices.forget(device.id)
-
-    @route(
-        app,
-        services,
-        "GET",
-        "/api/v1/authenticators/{authenticatorId}",
-        summary="Get an authenticator",
-        tag="users",
-        auth=Auth.ACCESS_KEY,
-        scope="users",
-        response=wire.Authenticator,
-    )
-    async def get_authenticator(call: Call, authenticator_id: UUID) -> wire.Authenticator:
-        """A device: name, type (platform), state, times, consecutive failed attempts."""
-        return authenticator_view(await identity.get_device(authenticator_id))
-
-    def device_action(action: str, summary: str, description: str) -> None:
-        @route(
-            app,
-            services,
-            "POST",
-            f"/api/v1/authenticators/{{authenticatorId}}/{action}",
-            summary=summary,
-            tag="users",
-            auth=Auth.ACCESS_KEY,
-            scope="users",
-            response=wire.Authenticator,
-        )
-        async def change(call: Call, authenticator_id: UUID) -> wire.Authenticator:
-            if action == "lock":
-                device = await identity.lock_device(authenticator_id, actor=call.actor)
-            else:
-                device = await identity.unlock_device(authenticator_id, actor=call.actor)
-            services.devices.forget(authenticator_id)
-            return authenticator_view(device)
-
-        change.__doc__ = description
-
-    device_action("lock", "Lock an authenticator", "Its answers are refused until unlocked.")
-    device_action(
-        "unlock",
-        "Unlock an authenticator",
-        "Active again, with its count of failed attempts reset (PSD2 RTS art. 4(4)).",
-    )
-
-    @route(
-        app,
-        services,
-        "DELETE",
-        "/api/v1/authenticators/{authenticatorId}",
-        summary="Revoke an authenticator",
-        tag="users",
-        auth=Auth.ACCESS_KEY,
-        scope="users",
-        status=204,
-    )
-    async def delete_authenticator(call: Call, authenticator_id: UUID) -> None:
-        """Revokes the authenticator at once and for good (PSD2 RTS art. 27): its
-        signatures are refused from now on. The record stays, deactivated, for the audit."""
-        await identity.deactivate_device(authenticator_id, actor=call.actor)
-        services.devices.forget(authenticator_id)
