@@ -20,10 +20,11 @@ from quart import Quart, request
 from api.authenticators import authenticator_view
 from api.qr import qr_code
 from api.routing import Auth, Call, Services, route
-from engine.actors import StartedOperation, check_request
+from engine.actors import StartedOperation
 from engine.callbacks import check_callback_url
 from engine.errors import OperationNotFound, UserNotFound
 from engine.model import DeviceStatus, Operation, OperationRequest, Payee, Payment, User
+from engine.operations import check_request
 from engine.recent import Recent
 from engine.store import AccessKeyRecord
 from engine.tokens import INTENT_LIFETIME, TokenKind

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import hashlib
 import heapq
 import logging
 import math
@@ -62,7 +61,7 @@ from engine.errors import (
     UserNotActive,
     UserNotFound,
 )
-from engine.identity import check_username, new_user
+from engine.identity import new_user
 from engine.model import (
     AnswerResult,
     Clock,
@@ -76,6 +75,7 @@ from engine.model import (
     UserStatus,
 )
 from engine.operations import (
+    NEEDS_USER_VERIFICATION,
     Answer,
     Cancel,
     Dispatch,
@@ -85,29 +85,32 @@ from engine.operations import (
     State,
     Transition,
     Verdict,
+    callback,
+    check_request,
+    consent_claims,
     consequences,
+    counts_authenticators,
     handle,
     judge,
     precheck,
+    result_claims,
+    transition_note,
 )
 from engine.peers import Peers
 from engine.recent import Recent
 from engine.replay import Nonce, spend
-from engine.settings import MIN_SECONDS, PSD2_MAX_SECONDS, OperationSettings
+from engine.settings import OperationSettings
 from engine.store import OutboxItem, Store
-from engine.tokens import RESULT_LIFETIME, STATUS_GRACE, TokenKind, token_claims
+from engine.tokens import STATUS_GRACE, TokenKind, token_claims
 from hsm import ecdsa
 from hsm.keyring import Keyring
 from hsm.tokens import TokenSigner
 from hsm.verifier import BatchVerifier
 from tapsign_sdk.model import (
-    MAX_CONSENT_TEXT,
-    MAX_CONTEXT,
-    MAX_MESSAGE,
     DeviceAnswer,
     OperationKind,
 )
-from tapsign_sdk.payload import b64url, signed_payload
+from tapsign_sdk.payload import signed_payload
 from tapsign_sdk.problems import Conflict, InvalidInput, ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -118,7 +121,6 @@ ENDED_SECONDS = 600.0
 ENDED_SIZE = 4096
 #: What a phone is told of a transaction that is not its own, or does not exist.
 NOT_THIS_DEVICES = "no such transaction for this authenticator"
-_NEEDS_UV = frozenset({OperationKind.AUTHORISATION, OperationKind.SIGNATURE})
 
 
 class CallbackQueue(Protocol):
@@ -146,58 +148,6 @@ class Context:
     peers: Peers
     settings: OperationSettings
     clock: Clock
-
-
-def check_request(request: OperationRequest, settings: OperationSettings) -> int:
-    """Check a request against the rules of its kind; the lifetime in seconds if it passes."""
-    kind = request.kind
-    if request.user_id is None and request.username is None:
-        raise InvalidInput("give the user by userId or by username", field="userId")
-    if request.username is not None:
-        check_username(request.username)
-    if request.create_user and kind is not OperationKind.REGISTRATION:
-        raise InvalidInput("only a registration creates users", field="createUser")
-    if kind is OperationKind.REGISTRATION and request.device_id is not None:
-        raise InvalidInput("a registration enrols a new authenticator", field="authenticatorId")
-    if (request.payment is None) != (kind is not OperationKind.AUTHORISATION):
-        raise InvalidInput("amount, currency and payee belong to authorisations", field="payment")
-    if (request.text is None) != (kind is not OperationKind.SIGNATURE):
-        raise InvalidInput("a signature, and only a signature, has a consent text", field="text")
-    if request.text is not None and not 0 < len(request.text) <= MAX_CONSENT_TEXT:
-        raise InvalidInput(f"the consent text has 1 to {MAX_CONSENT_TEXT} characters", field="text")
-    if len(request.message) > MAX_MESSAGE:
-        raise InvalidInput(f"the message has at most {MAX_MESSAGE} characters", field="message")
-    for name, context in (
-        ("preContext", request.pre_context),
-        ("postContext", request.post_context),
-    ):
-        if context is not None and len(context) > MAX_CONTEXT:
-            raise InvalidInput(f"a context has at most {MAX_CONTEXT} characters", field=name)
-    if request.callback_url is not None and (
-        not request.callback_url.startswith(("https://", "http://"))
-        or len(request.callback_url) > 2000
-    ):
-        raise InvalidInput("the callback URL is an http(s) URL", field="callbackUrl")
-    if request.require_user_verification is False and kind is not OperationKind.REGISTRATION:
-        if kind in _NEEDS_UV:
-            # Strong customer authentication is possession plus a second factor, for every
-            # payment and every signed consent (PSD2 RTS art. 4).
-            raise InvalidInput(
-                "an authorisation or a signature always needs the user verified on the phone",
-                field="requireUserVerification",
-            )
-        if not request.allow_possession_only:
-            raise InvalidInput(
-                "this access key may not start authentications without user verification",
-                field="requireUserVerification",
-            )
-    limit = PSD2_MAX_SECONDS if kind in _NEEDS_UV else settings.max_seconds
-    seconds = request.expires_in or min(settings.default_seconds, limit)
-    if not MIN_SECONDS <= seconds <= limit:
-        raise InvalidInput(
-            f"this operation lives {MIN_SECONDS} to {limit} seconds", field="expiresIn"
-        )
-    return seconds
 
 
 class Facts(msgspec.Struct, frozen=True, kw_only=True, weakref=True):
@@ -539,7 +489,7 @@ class OperationActor:
                 # Operations stored before every authorisation and signature had to be
                 # verified (PSD2 RTS art. 4) may say otherwise.
                 require_user_verification=operation.require_user_verification
-                or operation.kind in _NEEDS_UV,
+                or operation.kind in NEEDS_USER_VERIFICATION,
             )
         attestation: str | None = None
         refusal: str | None = None
@@ -646,32 +596,10 @@ class OperationActor:
         (one per transaction: every status answer carries this one), and for a signature
         the consent JWT, evidence anyone can check offline (JWKS for tapsign's signature,
         the embedded key for the device's)."""
-        result = token_claims(
-            TokenKind.RESULT,
-            subject=str(operation.user_id),
-            now=now,
-            expires_at=now + RESULT_LIFETIME,
-            claims={"txn": str(operation.id), "kind": operation.kind.value},
-        )
+        result = result_claims(operation, now=now)
         consent = None
         if operation.kind is OperationKind.SIGNATURE:
-            text = operation.text or ""
-            consent = {
-                "jti": str(operation.id),
-                "sub": str(operation.user_id),
-                "iat": int(now.timestamp()),
-                "txn": str(operation.id),
-                "authenticator": str(answer.device_id),
-                "consent": {
-                    "text": text,
-                    "sha256": b64url(hashlib.sha256(text.encode()).digest()),
-                    "context": operation.pre_context or "",
-                },
-                "userVerification": answer.user_verification.value,
-                "signedPayload": b64url(payload),
-                "deviceSignature": b64url(answer.signature),
-                "devicePublicKey": b64url(point),
-            }
+            consent = consent_claims(operation, answer, payload=payload, point=point, now=now)
 
         signed = {
             "result_token": self.context.tokens.encode(
@@ -721,17 +649,17 @@ def _store_transition(
     written then)."""
     if not db.update_operation(connection, after, expected_version=before.version):
         return None
-    phase = after.phase
+    note = transition_note(after)
     db.append_audit(
         connection,
         at=now,
         actor=actor,
-        action=f"operation.{phase.value}",
-        outcome=phase.status,
+        action=note.action,
+        outcome=note.outcome,
         operation_id=after.id,
         user_id=after.user_id,
         device_id=after.device_id,
-        reason=None if after.failure_reason is None else after.failure_reason.value,
+        reason=note.reason,
     )
     items = extra(connection, after, now) if extra is not None else []
     if Effect.CALLBACK in transition.effects and after.callback_url:
@@ -883,27 +811,16 @@ def _record_answer(
 def _operation_callback(
     connection: Connection, operation: Operation, now: datetime, *, lease_until: datetime | None
 ) -> OutboxItem:
-    body: dict[str, Any] = {
-        "status": operation.status,
-        "reason": None if operation.failure_reason is None else operation.failure_reason.value,
-        "kind": operation.kind.value,
-        "userId": str(operation.user_id),
-        "authenticatorId": str(operation.device_id),
-    }
-    if operation.kind is OperationKind.REGISTRATION and operation.phase is Phase.SUCCEEDED:
-        # The user may now have several phones: say how many (the status says it too).
-        body["authenticatorCount"] = sum(
+    authenticators = (
+        sum(
             device.status is not DeviceStatus.DEACTIVATED
             for device in db.list_devices(connection, operation.user_id)
         )
-    return outbox_row(
-        connection,
-        operation,
-        now,
-        event=f"transaction.{operation.phase.value}",
-        body=body,
-        lease_until=lease_until,
+        if counts_authenticators(operation)
+        else None
     )
+    event, body = callback(operation, authenticators=authenticators)
+    return outbox_row(connection, operation, now, event=event, body=body, lease_until=lease_until)
 
 
 class StartedOperation(msgspec.Struct, frozen=True, kw_only=True):

@@ -18,7 +18,6 @@ Status rules:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from uuid import UUID, uuid4
@@ -35,44 +34,8 @@ from engine.errors import (
     UserNotFound,
 )
 from engine.model import Clock, Device, DeviceStatus, User, UserStatus, utc_now
+from engine.operations import check_attributes, check_username
 from engine.store import Store
-from tapsign_sdk.model import (
-    ATTRIBUTE_KEY_PATTERN,
-    MAX_ATTRIBUTE_VALUE,
-    MAX_ATTRIBUTES,
-    USERNAME_PATTERN,
-)
-from tapsign_sdk.problems import InvalidInput
-
-_USERNAME = re.compile(USERNAME_PATTERN)
-_ATTRIBUTE_KEY = re.compile(ATTRIBUTE_KEY_PATTERN)
-
-
-def check_username(username: str) -> str:
-    if not _USERNAME.match(username):
-        raise InvalidInput(
-            "username must be 1 to 300 characters of A-Z, a-z, 0-9 and _ . @ -", field="username"
-        )
-    return username
-
-
-def check_attributes(attributes: Mapping[str, object]) -> dict[str, str]:
-    if len(attributes) > MAX_ATTRIBUTES:
-        raise InvalidInput(f"at most {MAX_ATTRIBUTES} attributes", field="attributes")
-    checked: dict[str, str] = {}
-    for key, value in attributes.items():
-        if not isinstance(key, str) or not _ATTRIBUTE_KEY.match(key):
-            raise InvalidInput(
-                "attribute names are 1 to 64 characters of A-Z, a-z, 0-9 and _ . -",
-                field="attributes",
-            )
-        if not isinstance(value, str) or len(value) > MAX_ATTRIBUTE_VALUE:
-            raise InvalidInput(
-                f"attribute {key}: values are strings of at most {MAX_ATTRIBUTE_VALUE} characters",
-                field=f"attributes.{key}",
-            )
-        checked[key] = value
-    return checked
 
 
 def require_user(connection: Connection, user_id: UUID) -> User:

@@ -183,7 +183,7 @@ class Operation(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class OperationRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """What a relying party asks for. Checked by :func:`engine.actors.check_request`."""
+    """What a relying party asks for. Checked by :func:`engine.operations.check_request`."""
 
     kind: OperationKind
     #: The user, by id or by username; both if they name the same user.

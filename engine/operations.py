@@ -1,4 +1,9 @@
-"""The operation state machine: pure code, no I/O (no trio, database or HSM here).
+"""The core of operations: pure code, no I/O (no trio, database or HSM here; an import
+contract in ``make lint`` keeps it so). The state machine, what a request may ask
+(:func:`check_request`), how an answer is judged and what it does to its device and user
+(the PSD2 rules, :func:`consequences`), and what a stored change leaves behind: its audit
+entry, its callback, the result token's and the consent JWT's claims. The actor
+(engine/actors.py) performs what these decide.
 
 Theory of operation
 -------------------
@@ -28,22 +33,51 @@ and, when present, ``CALLBACK`` (an outbox row) and ``COUNT_FAILED_ATTEMPT`` or
 device). So a terminal state is durable before anyone hears of it.
 
 How an answer is judged is pure too: :func:`precheck` (device and user must be active:
-a locked device's answer is never verified, RTS art. 4(3)(b)) and :func:`judge` (signature,
-decision, user verification).
+a locked device's answer is never verified, RTS art. 4(3)(b)), :func:`judge` (signature,
+decision, user verification) and :func:`consequences` (failure count and lock, signature
+counter, login marks, and the audit entries they call for).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 import msgspec
 
 from engine.errors import IllegalTransition
-from engine.model import Device, DeviceStatus, FailureReason, Phase, User, UserStatus
-from tapsign_sdk.model import Decision, UserVerification
+from engine.model import (
+    Device,
+    DeviceStatus,
+    FailureReason,
+    Operation,
+    OperationRequest,
+    Phase,
+    User,
+    UserStatus,
+)
+from engine.settings import MIN_SECONDS, PSD2_MAX_SECONDS, OperationSettings
+from engine.tokens import RESULT_LIFETIME, TokenKind, token_claims
+from tapsign_sdk.model import (
+    ATTRIBUTE_KEY_PATTERN,
+    MAX_ATTRIBUTE_VALUE,
+    MAX_ATTRIBUTES,
+    MAX_CONSENT_TEXT,
+    MAX_CONTEXT,
+    MAX_MESSAGE,
+    USERNAME_PATTERN,
+    Decision,
+    DeviceAnswer,
+    OperationKind,
+    UserVerification,
+)
+from tapsign_sdk.payload import b64url
+from tapsign_sdk.problems import InvalidInput
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +254,7 @@ class Note:
 
     action: str
     outcome: str
-    reason: str
+    reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +337,158 @@ def consequences(
         else:
             changed_user = msgspec.structs.replace(user, updated_at=now)
     return Consequences(device=changed_device, user=changed_user, notes=tuple(notes), locked=locked)
+
+
+# -- what a request may ask -------------------------------------------------------------
+
+#: Kinds that always need the user verified on the phone (PSD2 RTS art. 4).
+NEEDS_USER_VERIFICATION = frozenset({OperationKind.AUTHORISATION, OperationKind.SIGNATURE})
+_USERNAME = re.compile(USERNAME_PATTERN)
+_ATTRIBUTE_KEY = re.compile(ATTRIBUTE_KEY_PATTERN)
+
+
+def check_username(username: str) -> str:
+    if not _USERNAME.match(username):
+        raise InvalidInput(
+            "username must be 1 to 300 characters of A-Z, a-z, 0-9 and _ . @ -", field="username"
+        )
+    return username
+
+
+def check_attributes(attributes: Mapping[str, object]) -> dict[str, str]:
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise InvalidInput(f"at most {MAX_ATTRIBUTES} attributes", field="attributes")
+    checked: dict[str, str] = {}
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not _ATTRIBUTE_KEY.match(key):
+            raise InvalidInput(
+                "attribute names are 1 to 64 characters of A-Z, a-z, 0-9 and _ . -",
+                field="attributes",
+            )
+        if not isinstance(value, str) or len(value) > MAX_ATTRIBUTE_VALUE:
+            raise InvalidInput(
+                f"attribute {key}: values are strings of at most {MAX_ATTRIBUTE_VALUE} characters",
+                field=f"attributes.{key}",
+            )
+        checked[key] = value
+    return checked
+
+
+def check_request(request: OperationRequest, settings: OperationSettings) -> int:
+    """Check a request against the rules of its kind; the lifetime in seconds if it passes."""
+    kind = request.kind
+    if request.user_id is None and request.username is None:
+        raise InvalidInput("give the user by userId or by username", field="userId")
+    if request.username is not None:
+        check_username(request.username)
+    if request.create_user and kind is not OperationKind.REGISTRATION:
+        raise InvalidInput("only a registration creates users", field="createUser")
+    if kind is OperationKind.REGISTRATION and request.device_id is not None:
+        raise InvalidInput("a registration enrols a new authenticator", field="authenticatorId")
+    if (request.payment is None) != (kind is not OperationKind.AUTHORISATION):
+        raise InvalidInput("amount, currency and payee belong to authorisations", field="payment")
+    if (request.text is None) != (kind is not OperationKind.SIGNATURE):
+        raise InvalidInput("a signature, and only a signature, has a consent text", field="text")
+    if request.text is not None and not 0 < len(request.text) <= MAX_CONSENT_TEXT:
+        raise InvalidInput(f"the consent text has 1 to {MAX_CONSENT_TEXT} characters", field="text")
+    if len(request.message) > MAX_MESSAGE:
+        raise InvalidInput(f"the message has at most {MAX_MESSAGE} characters", field="message")
+    for name, context in (
+        ("preContext", request.pre_context),
+        ("postContext", request.post_context),
+    ):
+        if context is not None and len(context) > MAX_CONTEXT:
+            raise InvalidInput(f"a context has at most {MAX_CONTEXT} characters", field=name)
+    if request.callback_url is not None and (
+        not request.callback_url.startswith(("https://", "http://"))
+        or len(request.callback_url) > 2000
+    ):
+        raise InvalidInput("the callback URL is an http(s) URL", field="callbackUrl")
+    if request.require_user_verification is False and kind is not OperationKind.REGISTRATION:
+        if kind in NEEDS_USER_VERIFICATION:
+            # Strong customer authentication is possession plus a second factor, for every
+            # payment and every signed consent (PSD2 RTS art. 4).
+            raise InvalidInput(
+                "an authorisation or a signature always needs the user verified on the phone",
+                field="requireUserVerification",
+            )
+        if not request.allow_possession_only:
+            raise InvalidInput(
+                "this access key may not start authentications without user verification",
+                field="requireUserVerification",
+            )
+    limit = PSD2_MAX_SECONDS if kind in NEEDS_USER_VERIFICATION else settings.max_seconds
+    seconds = request.expires_in or min(settings.default_seconds, limit)
+    if not MIN_SECONDS <= seconds <= limit:
+        raise InvalidInput(
+            f"this operation lives {MIN_SECONDS} to {limit} seconds", field="expiresIn"
+        )
+    return seconds
+
+
+# -- what a stored change leaves: audit entry, callback, token claims --------------------
+
+
+def transition_note(operation: Operation) -> Note:
+    """The audit entry of ``operation``'s new state."""
+    reason = None if operation.failure_reason is None else operation.failure_reason.value
+    return Note(f"operation.{operation.phase.value}", operation.status, reason)
+
+
+def callback(operation: Operation, *, authenticators: int | None) -> tuple[str, dict[str, Any]]:
+    """The event and body of the callback of ``operation``'s new state; ``authenticators``:
+    how many the user has now, said after a registration succeeded (else None)."""
+    body: dict[str, Any] = {
+        "status": operation.status,
+        "reason": None if operation.failure_reason is None else operation.failure_reason.value,
+        "kind": operation.kind.value,
+        "userId": str(operation.user_id),
+        "authenticatorId": str(operation.device_id),
+    }
+    if authenticators is not None:
+        body["authenticatorCount"] = authenticators
+    return f"transaction.{operation.phase.value}", body
+
+
+def counts_authenticators(operation: Operation) -> bool:
+    """Whether ``operation``'s callback and status say how many authenticators the user
+    has: after a registration succeeded (the user may now have several phones)."""
+    return operation.kind is OperationKind.REGISTRATION and operation.phase is Phase.SUCCEEDED
+
+
+def result_claims(operation: Operation, *, now: datetime) -> dict[str, Any]:
+    """The result token's claims: one per transaction, every status answer carries it."""
+    return token_claims(
+        TokenKind.RESULT,
+        subject=str(operation.user_id),
+        now=now,
+        expires_at=now + RESULT_LIFETIME,
+        claims={"txn": str(operation.id), "kind": operation.kind.value},
+    )
+
+
+def consent_claims(
+    operation: Operation, answer: DeviceAnswer, *, payload: bytes, point: bytes, now: datetime
+) -> dict[str, Any]:
+    """A signature's consent JWT claims: evidence anyone can check offline (the JWKS for
+    tapsign's signature, the embedded key for the device's)."""
+    text = operation.text or ""
+    return {
+        "jti": str(operation.id),
+        "sub": str(operation.user_id),
+        "iat": int(now.timestamp()),
+        "txn": str(operation.id),
+        "authenticator": str(answer.device_id),
+        "consent": {
+            "text": text,
+            "sha256": b64url(hashlib.sha256(text.encode()).digest()),
+            "context": operation.pre_context or "",
+        },
+        "userVerification": answer.user_verification.value,
+        "signedPayload": b64url(payload),
+        "deviceSignature": b64url(answer.signature),
+        "devicePublicKey": b64url(point),
+    }
 
 
 def mermaid() -> str:
