@@ -423,7 +423,9 @@ class OperationActor:
             # Not this device's transaction: say nothing about it (another user's device).
             raise OperationNotFound(NOT_THIS_DEVICES)
         await self._expire_if_due()
-        self._transition(Answer())  # refuses a second answer or a replay; nothing stored yet
+        # Refuses a second answer or a replay. ``responded`` is held while the answer is
+        # judged, not stored: a restart meanwhile leaves the operation open for an answer.
+        responded = self._transition(Answer())
         registering = operation.kind is OperationKind.REGISTRATION
         if registering and answer.public_key is None:
             raise InvalidInput(
@@ -433,7 +435,7 @@ class OperationActor:
         valid: bool | None = None  # the signature, once verified: it does not change
         for _ in range(STALE_TRIES):
             try:
-                return await self._judge(operation, answer, nonce, valid_before=valid)
+                return await self._judge(responded, operation, answer, nonce, valid_before=valid)
             except _Stale as stale:
                 valid = stale.valid
                 self.facts = await self.context.store.read(
@@ -443,6 +445,7 @@ class OperationActor:
 
     async def _judge(
         self,
+        responded: Transition,
         operation: Operation,
         answer: DeviceAnswer,
         nonce: Nonce | None,
@@ -497,8 +500,7 @@ class OperationActor:
             attestation, refusal = await self._attest(answer, point)
             if refusal is not None:
                 verdict = Verdict(succeeded=False, reason=FailureReason.ATTESTATION_FAILED)
-        transition = handle(State(Phase.RESPONDED), verdict)
-        succeeded = transition.state.phase is Phase.SUCCEEDED
+        transition = handle(responded.state, verdict)
 
         changes: dict[str, Any] = {}
         if verdict.verified or verdict.failed_attempt:
@@ -558,7 +560,7 @@ class OperationActor:
             actor=f"device:{answer.device_id}",
             changes=changes,
             extra=device_and_user,
-            prepare=evidence if succeeded else None,
+            prepare=evidence if Effect.RELEASE_CONTEXT in transition.effects else None,
             nonce=nonce,
         )
         self.facts = recorded[-1]
