@@ -18,12 +18,13 @@ from collections.abc import Iterable
 
 from sqlalchemy.engine import Connection
 
-from engine import store as db
+from engine import statements as db
 from engine.callbacks import check_destination
 from engine.model import Clock
 from engine.recent import Recent
 from engine.settings import CallbackSettings
-from engine.store import AccessKeyRecord, Store
+from engine.statements import AccessKeyRecord
+from engine.store import Store
 from tapsign_sdk.problems import InvalidInput, NotFound, Unauthorized
 from tapsign_sdk.wire import CALLBACK_URL
 

@@ -38,7 +38,8 @@ from engine.identity import Identity
 from engine.model import Device, User, utc_now
 from engine.peers import announce_to
 from engine.service import end_user
-from engine.store import AccessKeyRecord, Store, read_audit
+from engine.statements import AccessKeyRecord, read_audit
+from engine.store import Store
 from hsm.benchmark import bench_verify
 from hsm.errors import InvalidToken
 from hsm.keyring import KeyPurpose, Keyring, open_keyring

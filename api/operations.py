@@ -26,7 +26,7 @@ from engine.errors import OperationNotFound, UserNotFound
 from engine.model import DeviceStatus, Operation, OperationRequest, Payee, Payment, User
 from engine.operations import check_request
 from engine.recent import Recent
-from engine.store import AccessKeyRecord
+from engine.statements import AccessKeyRecord
 from engine.tokens import INTENT_LIFETIME, TokenKind
 from tapsign_sdk import wire
 from tapsign_sdk.model import OperationKind

@@ -26,11 +26,11 @@ from api.admission import Admission, LongPolls
 from api.device_auth import DeviceRequests
 from api.ratelimit import RateLimit
 from api.tokens import Tokens
-from engine import store as db
+from engine import statements as db
 from engine.model import Clock, Device
 from engine.replay import Nonce
 from engine.service import Engine
-from engine.store import AccessKeyRecord
+from engine.statements import AccessKeyRecord
 from engine.tokens import TokenKind
 from tapsign_sdk.problems import (
     BadRequest,

@@ -15,7 +15,7 @@ from typing import Any
 import jwt
 import trio
 
-from engine import store as db
+from engine import statements as db
 from engine.model import Clock
 from engine.store import Store
 from engine.tokens import TokenKind, token_claims

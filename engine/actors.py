@@ -47,7 +47,7 @@ import outcome
 import trio
 from sqlalchemy.engine import Connection
 
-from engine import store as db
+from engine import statements as db
 from engine.attestation import AttestationRefused, Attestor
 from engine.callbacks import outbox_row
 from engine.dispatch import Dispatcher
@@ -100,7 +100,8 @@ from engine.peers import Peers
 from engine.recent import Recent
 from engine.replay import Nonce, spend
 from engine.settings import OperationSettings
-from engine.store import OutboxItem, Store
+from engine.statements import OutboxItem
+from engine.store import Store
 from engine.tokens import STATUS_GRACE, TokenKind, token_claims
 from hsm import ecdsa
 from hsm.keyring import Keyring
@@ -1184,7 +1185,8 @@ class Supervisor:
     async def pending_for_device(
         self, device_id: UUID, *, after: tuple[datetime, UUID] | None = None, limit: int
     ) -> list[Operation]:
-        """A page of the device's pending operations (:func:`engine.store.pending_for_device`)."""
+        """A page of the device's pending operations
+        (:func:`engine.statements.pending_for_device`)."""
         now = self.context.clock()
         return await self.context.store.read(
             lambda connection: db.pending_for_device(

@@ -23,7 +23,7 @@ import trio
 import trio.testing
 from sqlalchemy.engine import Connection
 
-from engine import store as db
+from engine import statements as db
 from engine.model import Device, DeviceStatus, Operation, Payee, Payment, Phase, User, UserStatus
 from engine.service import Engine
 from engine.settings import DatabaseSettings, EngineSettings

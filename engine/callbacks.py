@@ -52,10 +52,11 @@ import msgspec
 import trio
 from sqlalchemy.engine import Connection
 
-from engine import store as db
+from engine import statements as db
 from engine.model import Clock, Operation
 from engine.settings import CallbackSettings
-from engine.store import OutboxItem, Store
+from engine.statements import OutboxItem
+from engine.store import Store
 from hsm.keyring import KeyPurpose, Keyring
 from tapsign_sdk.payload import b64url
 from tapsign_sdk.problems import InvalidInput, ServiceUnavailable

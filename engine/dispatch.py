@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from engine.callbacks import outbox_row
 from engine.model import Operation
-from engine.store import OutboxItem
+from engine.statements import OutboxItem
 
 
 class Dispatcher(Protocol):

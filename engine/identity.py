@@ -25,7 +25,7 @@ from uuid import UUID, uuid4
 import msgspec
 from sqlalchemy.engine import Connection
 
-from engine import store as db
+from engine import statements as db
 from engine.errors import (
     DeviceNotActive,
     DeviceNotFound,

@@ -16,7 +16,7 @@ from uuid import UUID
 import msgspec
 from sqlalchemy.engine import Connection
 
-from engine import store as db
+from engine import statements as db
 from tapsign_sdk.payload import b64url
 from tapsign_sdk.problems import Unauthorized
 

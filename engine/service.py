@@ -19,7 +19,7 @@ import trio
 from sqlalchemy.engine import Connection
 
 from engine import audit
-from engine import store as db
+from engine import statements as db
 from engine.actors import Context, Supervisor, cancel_pending_of_user
 from engine.attestation import Attestor
 from engine.callbacks import CallbackDeliverer
@@ -28,7 +28,8 @@ from engine.identity import Identity, delete_user, set_user_status
 from engine.model import Clock, Operation, User, UserStatus, utc_now
 from engine.peers import Peers
 from engine.settings import EngineSettings
-from engine.store import OutboxItem, Store
+from engine.statements import OutboxItem
+from engine.store import Store
 from hsm.errors import HsmError
 from hsm.keyring import KeyPurpose, Keyring
 from hsm.tokens import TokenSigner

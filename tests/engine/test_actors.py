@@ -18,7 +18,7 @@ import trio.testing
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from engine import store as db
+from engine import statements as db
 from engine.errors import (
     DeviceNotActive,
     OperationNotFound,

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 import trio
 
 from engine import audit
-from engine import store as db
+from engine import statements as db
 from engine.identity import Identity
 from engine.schema import audit_log
 from engine.store import Store

@@ -8,7 +8,7 @@ from uuid import UUID, uuid4
 import pytest
 import sqlalchemy as sa
 
-from engine import store as db
+from engine import statements as db
 from engine.errors import (
     DeviceNotActive,
     DeviceNotFound,

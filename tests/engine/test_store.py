@@ -13,7 +13,7 @@ import trio.testing
 from sqlalchemy.engine import Connection
 
 from engine import audit
-from engine import store as db
+from engine import statements as db
 from engine.errors import UsernameTaken
 from engine.settings import DatabaseSettings
 from engine.store import Store
