@@ -78,6 +78,7 @@ from engine.operations import (
     NEEDS_USER_VERIFICATION,
     Answer,
     Cancel,
+    Decided,
     Dispatch,
     Effect,
     Event,
@@ -87,14 +88,12 @@ from engine.operations import (
     Verdict,
     callback,
     check_request,
-    consent_claims,
-    consequences,
     counts_authenticators,
+    decide_answer,
+    decide_end,
     handle,
     judge,
     precheck,
-    result_claims,
-    transition_note,
 )
 from engine.peers import Peers
 from engine.recent import Recent
@@ -345,59 +344,81 @@ class OperationActor:
         return self.operation
 
     async def _end(self, event: Cancel | Expire) -> Operation:
-        transition = self._transition(event)
         actor = (
             "system"
             if isinstance(event, Expire)
             else f"relying-party:{self.operation.client_id or '-'}"
         )
-        return await self._commit(transition, before=self.operation, actor=actor)
+        try:
+            decided = decide_end(self.operation, event, actor=actor, now=self.context.clock())
+        except IllegalTransition as exc:
+            raise OperationNotPending(f"the transaction is {self.operation.status}") from exc
+        stored, _ = await self._store(decided, before=self.operation)
+        return stored
 
-    async def _commit(
+    async def _store(
         self,
-        transition: Transition,
+        decided: Decided,
         *,
         before: Operation,
-        actor: str,
-        changes: dict[str, Any] | None = None,
-        extra: Callable[[Connection, Operation, datetime], list[OutboxItem]] | None = None,
-        prepare: Callable[[], None] | None = None,
+        judged: Facts | None = None,
+        valid: bool | None = None,
         nonce: Nonce | None = None,
-    ) -> Operation:
-        """Persist ``transition``, decided on ``before``, with a compare-and-set on the version
-        of ``before``, then notify; the loser of a race reloads. ``prepare`` runs in the
-        writer's thread hop before the transaction, and may add to ``changes`` (the HSM's
-        signatures of a success).
+    ) -> tuple[Operation, str | None]:
+        """Store ``decided``, decided on ``before``, in one unit of work (compare-and-set on
+        the version of ``before``) whose thread hop also signs what it asks signed and
+        unseals the context it releases; then notify. Returns the stored operation and the
+        released context. The loser of a race reloads.
 
         ``before`` is the operation the decision was made on, not ``self.operation``: while an
         answer is being verified, another process may store its own answer and this actor
         take that newer version in (:meth:`refresh`); a compare-and-set against it would
-        succeed and the transaction would take two answers.
+        succeed and the transaction would take two answers. ``judged``: the facts an answer
+        was judged on; if they changed, the unit rolls back and :class:`_Stale` (with the
+        signature's validity ``valid``) says to judge again. ``nonce``: the answer's
+        request's, spent in the same unit (a replay of it rolls everything back,
+        engine/replay.py).
         """
-        now = self.context.clock()
-        changes = {} if changes is None else changes
+        signed: dict[str, str] = {}
+        released: list[str] = []
+
+        def prepare() -> None:
+            """In the writer's thread hop, before its transaction: the HSM's part."""
+            if decided.result_claims is not None:
+                signed["result_token"] = self.context.tokens.encode(
+                    decided.result_claims, token_type=TokenKind.RESULT.media_type
+                )
+            if decided.consent_claims is not None:
+                signed["result"] = self.context.consent.encode(
+                    decided.consent_claims,
+                    token_type="consent+jwt",  # noqa: S106 - a JWT type, not a password
+                )
+            sealed = before.post_context_sealed
+            if Effect.RELEASE_CONTEXT in decided.transition.effects and sealed is not None:
+                released.append(self.context.keyring.decrypt(sealed, aad=before.id.bytes).decode())
+
         stored: list[Operation] = []
 
         def persist(connection: Connection) -> list[OutboxItem] | None:
-            stored.append(_advanced(before, transition, now, changes))
-            items = _store_transition(
+            after = msgspec.structs.replace(decided.operation, **signed)
+            items = _store_decided(
                 connection,
-                before,
-                stored[-1],
-                transition,
-                actor=actor,
-                now=now,
-                lease_until=now + self.context.callbacks.lease,
-                extra=extra,
+                decided,
+                after,
+                before=before,
+                judged=judged,
+                lease_until=after.updated_at + self.context.callbacks.lease,
             )
             if items is not None and nonce is not None:
-                # The answer's request is taken here, with its outcome: a replay of it
-                # rolls everything back (engine/replay.py).
                 spend(connection, nonce)
+            stored.append(after)
             return items
 
-        with trio.CancelScope(shield=True):  # a terminal state, once decided, is stored
-            items = await self.context.store.write(persist, prepare=prepare)
+        try:
+            with trio.CancelScope(shield=True):  # a terminal state, once decided, is stored
+                items = await self.context.store.write(persist, prepare=prepare)
+        except _Stale:
+            raise _Stale(valid) from None
         if items is None:
             current = await self.context.store.read(
                 lambda connection: db.get_operation(connection, before.id)
@@ -410,7 +431,7 @@ class OperationActor:
         self.context.peers.announce(after.id, after.version)
         if items:
             self.context.callbacks.enqueue(items)
-        return after
+        return after, released[0] if released else None
 
     def _changed_to(self, operation: Operation) -> None:
         self.operation = operation
@@ -501,71 +522,29 @@ class OperationActor:
             attestation, refusal = await self._attest(answer, point)
             if refusal is not None:
                 verdict = Verdict(succeeded=False, reason=FailureReason.ATTESTATION_FAILED)
-        transition = handle(responded.state, verdict)
-
-        changes: dict[str, Any] = {}
-        if verdict.verified or verdict.failed_attempt:
-            changes = {
-                "decision": answer.decision,
-                "user_verification": answer.user_verification,
-                "counter": answer.counter,
-                "device_signature": answer.signature,
-            }
-        if registering:
-            changes.update(
-                public_key=point, device_name=answer.device_name, device_platform=answer.platform
-            )
-        released: list[str] = []
-        signed_at = self.context.clock()
-
-        def evidence() -> None:
-            """In the writer's thread hop, before its transaction: what a success signs and
-            releases (engine/store.py ``prepare``)."""
-            changes.update(self._evidence(operation, answer, payload, point, now=signed_at))
-            if operation.post_context_sealed is not None:
-                released.append(
-                    self.context.keyring.decrypt(
-                        operation.post_context_sealed, aad=operation.id.bytes
-                    ).decode()
-                )
-
-        settings = self.context.settings
-
         facts = self.facts
-        recorded: list[Facts] = []
-
-        def device_and_user(
-            connection: Connection, after: Operation, now: datetime
-        ) -> list[OutboxItem]:
-            items, after_facts = _record_answer(
-                connection,
-                after,
-                now,
-                facts=facts,
-                answer=answer,
-                verdict=verdict,
-                point=point,
-                attestation=attestation,
-                refusal=refusal,
-                max_failed_attempts=settings.max_failed_attempts,
-                lease_until=now + self.context.callbacks.lease,
-            )
-            if after_facts is None:
-                raise _Stale(valid)
-            recorded.append(after_facts)
-            return items
-
-        committed = await self._commit(
-            transition,
-            before=operation,
-            actor=f"device:{answer.device_id}",
-            changes=changes,
-            extra=device_and_user,
-            prepare=evidence if Effect.RELEASE_CONTEXT in transition.effects else None,
-            nonce=nonce,
+        decided = decide_answer(
+            responded,
+            operation,
+            answer,
+            verdict,
+            device=device,
+            user=user,
+            point=point,
+            payload=payload,
+            attestation=attestation,
+            refusal=refusal,
+            now=self.context.clock(),
+            max_failed_attempts=self.context.settings.max_failed_attempts,
         )
-        self.facts = recorded[-1]
-        return AnswerResult(operation=committed, post_context=released[0] if released else None)
+        committed, released = await self._store(
+            decided, before=operation, judged=facts, valid=valid, nonce=nonce
+        )
+        self.facts = Facts(
+            user=decided.user or facts.user,
+            device=None if registering else decided.device or facts.device,
+        )
+        return AnswerResult(operation=committed, post_context=released)
 
     async def _attest(self, answer: DeviceAnswer, point: bytes) -> tuple[str | None, str | None]:
         """What the registration's attestation proved, or why it is refused."""
@@ -586,86 +565,69 @@ class OperationActor:
             return None, str(exc)
         return attested, None
 
-    def _evidence(
-        self,
-        operation: Operation,
-        answer: DeviceAnswer,
-        payload: bytes,
-        point: bytes,
-        *,
-        now: datetime,
-    ) -> dict[str, str]:
-        """What a success leaves behind, signed in the HSM (blocking): the result token
-        (one per transaction: every status answer carries this one), and for a signature
-        the consent JWT, evidence anyone can check offline (JWKS for tapsign's signature,
-        the embedded key for the device's)."""
-        result = result_claims(operation, now=now)
-        consent = None
-        if operation.kind is OperationKind.SIGNATURE:
-            consent = consent_claims(operation, answer, payload=payload, point=point, now=now)
 
-        signed = {
-            "result_token": self.context.tokens.encode(
-                result, token_type=TokenKind.RESULT.media_type
-            )
-        }
-        if consent is not None:
-            signed["result"] = self.context.consent.encode(
-                consent,
-                token_type="consent+jwt",  # noqa: S106 - a JWT type, not a password
-            )
-        return signed
-
-
-def _advanced(
-    before: Operation, transition: Transition, now: datetime, changes: dict[str, Any]
-) -> Operation:
-    """``before`` moved to the state of ``transition``, with ``changes``."""
-    phase = transition.state.phase
-    return msgspec.structs.replace(
-        before,
-        phase=phase,
-        failure_reason=transition.state.reason,
-        version=before.version + 1,
-        updated_at=now,
-        completed_at=now if phase.terminal else None,
-        # Sealed data goes as soon as it is no longer needed.
-        post_context_sealed=None if phase.terminal else before.post_context_sealed,
-        **changes,
-    )
-
-
-def _store_transition(
+def _store_decided(
     connection: Connection,
-    before: Operation,
+    decided: Decided,
     after: Operation,
-    transition: Transition,
     *,
-    actor: str,
-    now: datetime,
+    before: Operation,
     lease_until: datetime | None,
-    extra: Callable[[Connection, Operation, datetime], list[OutboxItem]] | None = None,
+    judged: Facts | None = None,
 ) -> list[OutboxItem] | None:
-    """Store ``after`` if the operation is still at ``before``'s version (compare-and-set),
-    with its audit entry, what ``extra`` writes besides, and, when the transition calls for
-    one, its callback; None if another actor or process changed it first (nothing is
-    written then)."""
+    """Write ``decided`` (``after``: its operation with what the HSM signed): the operation
+    if it is still at ``before``'s version (compare-and-set), a new device, the audit
+    entries, the device and user if they are still as ``judged`` (else :class:`_Stale`, and
+    the caller's unit rolls back), and the callbacks. None if another actor or process
+    changed the operation first (nothing is written then)."""
     if not db.update_operation(connection, after, expected_version=before.version):
         return None
-    note = transition_note(after)
-    db.append_audit(
-        connection,
-        at=now,
-        actor=actor,
-        action=note.action,
-        outcome=note.outcome,
-        operation_id=after.id,
-        user_id=after.user_id,
-        device_id=after.device_id,
-        reason=note.reason,
-    )
-    items = extra(connection, after, now) if extra is not None else []
-    if Effect.CALLBACK in transition.effects and after.callback_url:
+    # Judged on the facts alone (a locked device, an inactive user), without an update to
+    # guard: they must still hold.
+    if (
+        judged is not None
+        and decided.device is None
+        and decided.user is None
+        and read_facts(connection, before) != _as_stored(judged, before)
+    ):
+        raise _Stale(None)
+    if decided.new_device is not None:
+        db.insert_device(connection, decided.new_device)
+    for note in decided.notes:
+        if note.action == "device.counter-not-increasing":
+            log.warning("non-increasing signature counter from device %s", after.device_id)
+        db.append_audit(
+            connection,
+            at=after.updated_at,
+            actor=note.actor,
+            action=note.action,
+            outcome=note.outcome,
+            operation_id=after.id,
+            user_id=after.user_id,
+            device_id=after.device_id,
+            reason=note.reason,
+        )
+    # The device and user are stored only if they are still as they were judged.
+    was_device = judged.device if judged is not None else None
+    if (
+        decided.device is not None
+        and was_device is not None
+        and not db.update_device_if(connection, decided.device, was=was_device)
+    ):
+        raise _Stale(None)
+    was_user = judged.user if judged is not None else None
+    if (
+        decided.user is not None
+        and was_user is not None
+        and not db.update_user_if(connection, decided.user, status_was=was_user.status.value)
+    ):
+        raise _Stale(None)
+    now = after.updated_at
+    items = [
+        outbox_row(connection, after, now, event=event, body=body, lease_until=lease_until)
+        for event, body in decided.callbacks
+    ]
+    if Effect.CALLBACK in decided.transition.effects and after.callback_url:
         items.append(_operation_callback(connection, after, now, lease_until=lease_until))
     return items
 
@@ -684,131 +646,13 @@ def cancel_pending_of_user(
     commit (:meth:`Supervisor.changed_here`, engine/peers.py)."""
     cancelled = []
     for before in db.pending_for_user(connection, user_id):
-        transition = handle(State(before.phase, before.failure_reason), Cancel())
-        after = _advanced(before, transition, now, {})
-        items = _store_transition(
-            connection, before, after, transition, actor=actor, now=now, lease_until=lease_until
+        decided = decide_end(before, Cancel(), actor=actor, now=now)
+        items = _store_decided(
+            connection, decided, decided.operation, before=before, lease_until=lease_until
         )
         if items is not None:
-            cancelled.append((after, items))
+            cancelled.append((decided.operation, items))
     return cancelled
-
-
-def _record_answer(
-    connection: Connection,
-    operation: Operation,
-    now: datetime,
-    *,
-    answer: DeviceAnswer,
-    verdict: Verdict,
-    point: bytes,
-    attestation: str | None,
-    refusal: str | None,
-    max_failed_attempts: int,
-    lease_until: datetime,
-    facts: Facts,
-) -> tuple[list[OutboxItem], Facts | None]:
-    """The device's and user's side of a judged answer, in the operation's transaction,
-    and the facts as they are now; None instead if the user or device is no longer as the
-    actor held them (the caller rolls the unit back and judges again)."""
-    items: list[OutboxItem] = []
-    succeeded = operation.phase is Phase.SUCCEEDED
-    user = facts.user
-    if not (verdict.verified or verdict.failed_attempt) and read_facts(
-        connection, operation
-    ) != _as_stored(facts, operation):
-        # Judged on the facts alone (a locked device, an inactive user), without an update
-        # to guard: they must still hold.
-        return items, None
-    if refusal is not None:
-        db.append_audit(
-            connection,
-            at=now,
-            actor=f"device:{operation.device_id}",
-            action="device.attestation-refused",
-            outcome="refused",
-            operation_id=operation.id,
-            user_id=operation.user_id,
-            device_id=operation.device_id,
-            reason=refusal[:300],
-        )
-    if operation.kind is OperationKind.REGISTRATION and succeeded:
-        # A new device: nothing to count against yet.
-        db.insert_device(
-            connection,
-            Device(
-                id=operation.device_id,
-                user_id=operation.user_id,
-                name=answer.device_name or "authenticator",
-                platform=answer.platform or "unknown",
-                public_key=point,
-                status=DeviceStatus.ACTIVE,
-                enrolled_at=now,
-                updated_at=now,
-                last_used_at=now,
-                counter=answer.counter,
-                attestation=attestation,
-            ),
-        )
-        db.append_audit(
-            connection,
-            at=now,
-            actor=f"device:{operation.device_id}",
-            action="device.enrolled",
-            outcome="ok",
-            operation_id=operation.id,
-            user_id=operation.user_id,
-            device_id=operation.device_id,
-            reason=f"attestation {attestation or 'none'}",
-        )
-    registered = operation.kind is OperationKind.REGISTRATION
-    device = None if registered else facts.device
-    decided = consequences(
-        verdict,
-        device=device,
-        user=user,
-        counter=answer.counter,
-        now=now,
-        max_failed_attempts=max_failed_attempts,
-    )
-    for note in decided.notes:
-        if note.action == "device.counter-not-increasing":
-            log.warning("non-increasing signature counter from device %s", operation.device_id)
-        db.append_audit(
-            connection,
-            at=now,
-            actor="system",
-            action=note.action,
-            outcome=note.outcome,
-            operation_id=operation.id,
-            user_id=operation.user_id,
-            device_id=operation.device_id,
-            reason=note.reason,
-        )
-    if decided.device is not None and device is not None:
-        if not db.update_device_if(connection, decided.device, was=device):
-            return items, None
-        device = decided.device
-        if decided.locked and operation.callback_url:
-            items.append(
-                outbox_row(
-                    connection,
-                    operation,
-                    now,
-                    event="authenticator.locked",
-                    body={
-                        "authenticatorId": str(device.id),
-                        "userId": str(device.user_id),
-                        "failedAttempts": device.failed_attempts,
-                    },
-                    lease_until=lease_until,
-                )
-            )
-    if decided.user is not None and user is not None:
-        if not db.update_user_if(connection, decided.user, status_was=user.status.value):
-            return items, None
-        user = decided.user
-    return items, Facts(user=user, device=device)
 
 
 def _operation_callback(

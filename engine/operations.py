@@ -255,6 +255,7 @@ class Note:
     action: str
     outcome: str
     reason: str | None
+    actor: str = "system"
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,10 +430,157 @@ def check_request(request: OperationRequest, settings: OperationSettings) -> int
 # -- what a stored change leaves: audit entry, callback, token claims --------------------
 
 
-def transition_note(operation: Operation) -> Note:
-    """The audit entry of ``operation``'s new state."""
+def transition_note(operation: Operation, *, actor: str) -> Note:
+    """The audit entry of ``operation``'s new state, changed by ``actor``."""
     reason = None if operation.failure_reason is None else operation.failure_reason.value
-    return Note(f"operation.{operation.phase.value}", operation.status, reason)
+    return Note(f"operation.{operation.phase.value}", operation.status, reason, actor)
+
+
+# -- the decisions that end an operation, as data -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """Everything an ended operation writes, decided: the runtime stores it in one unit of
+    work (one thread hop, one commit) and performs the transition's effects, nothing more.
+
+    ``operation`` is the new version, stored by compare-and-set on the version it was
+    decided on; ``notes`` are its audit entries in order; ``device`` and ``user`` the
+    records as they must be stored (None: unchanged), stored only if they are still as
+    they were judged; ``new_device`` a registration's; ``callbacks`` events besides the
+    operation's own (whose body the runtime completes, engine/actors.py); the claims are
+    what the HSM signs in the unit's hop (the result token, a signature's consent JWT).
+    """
+
+    operation: Operation
+    transition: Transition
+    notes: tuple[Note, ...]
+    device: Device | None = None
+    user: User | None = None
+    new_device: Device | None = None
+    callbacks: tuple[tuple[str, dict[str, Any]], ...] = ()
+    result_claims: dict[str, Any] | None = None
+    consent_claims: dict[str, Any] | None = None
+
+
+def advanced(
+    before: Operation, transition: Transition, now: datetime, changes: Mapping[str, Any]
+) -> Operation:
+    """``before`` moved to the state of ``transition``, with ``changes``."""
+    phase = transition.state.phase
+    return msgspec.structs.replace(
+        before,
+        phase=phase,
+        failure_reason=transition.state.reason,
+        version=before.version + 1,
+        updated_at=now,
+        completed_at=now if phase.terminal else None,
+        # Sealed data goes as soon as it is no longer needed.
+        post_context_sealed=None if phase.terminal else before.post_context_sealed,
+        **changes,
+    )
+
+
+def decide_end(
+    operation: Operation, event: Cancel | Expire, *, actor: str, now: datetime
+) -> Decided:
+    """A cancellation or an expiry; :class:`IllegalTransition` if the operation has ended."""
+    transition = handle(State(operation.phase, operation.failure_reason), event)
+    after = advanced(operation, transition, now, {})
+    return Decided(after, transition, (transition_note(after, actor=actor),))
+
+
+def decide_answer(
+    responded: Transition,
+    operation: Operation,
+    answer: DeviceAnswer,
+    verdict: Verdict,
+    *,
+    device: Device | None,
+    user: User | None,
+    point: bytes,
+    payload: bytes,
+    attestation: str | None,
+    refusal: str | None,
+    now: datetime,
+    max_failed_attempts: int,
+) -> Decided:
+    """A judged answer: the operation's end, what it does to the device and user (or the
+    new device of a registration), the audit entries, the callbacks and what is signed.
+
+    ``responded`` is the answer's transition; ``verdict`` the judgement (:func:`precheck`,
+    :func:`judge`, or an attestation refused: ``refusal``); ``point`` the key the payload
+    was verified with, ``payload`` the signed bytes (empty when nothing was verified).
+    """
+    transition = handle(responded.state, verdict)
+    registering = operation.kind is OperationKind.REGISTRATION
+    changes: dict[str, Any] = {}
+    if verdict.verified or verdict.failed_attempt:
+        changes = {
+            "decision": answer.decision,
+            "user_verification": answer.user_verification,
+            "counter": answer.counter,
+            "device_signature": answer.signature,
+        }
+    if registering:
+        changes.update(
+            public_key=point, device_name=answer.device_name, device_platform=answer.platform
+        )
+    after = advanced(operation, transition, now, changes)
+    by_device = f"device:{answer.device_id}"
+    notes = [transition_note(after, actor=by_device)]
+    if refusal is not None:
+        notes.append(Note("device.attestation-refused", "refused", refusal[:300], by_device))
+    new_device = None
+    if registering and after.phase is Phase.SUCCEEDED:
+        # A new device: nothing to count against yet.
+        new_device = Device(
+            id=operation.device_id,
+            user_id=operation.user_id,
+            name=answer.device_name or "authenticator",
+            platform=answer.platform or "unknown",
+            public_key=point,
+            status=DeviceStatus.ACTIVE,
+            enrolled_at=now,
+            updated_at=now,
+            last_used_at=now,
+            counter=answer.counter,
+            attestation=attestation,
+        )
+        notes.append(
+            Note("device.enrolled", "ok", f"attestation {attestation or 'none'}", by_device)
+        )
+    decided = consequences(
+        verdict,
+        device=None if registering else device,
+        user=user,
+        counter=answer.counter,
+        now=now,
+        max_failed_attempts=max_failed_attempts,
+    )
+    notes.extend(decided.notes)
+    callbacks: list[tuple[str, dict[str, Any]]] = []
+    if decided.locked and decided.device is not None and operation.callback_url:
+        body = {
+            "authenticatorId": str(decided.device.id),
+            "userId": str(decided.device.user_id),
+            "failedAttempts": decided.device.failed_attempts,
+        }
+        callbacks.append(("authenticator.locked", body))
+    signs = Effect.RELEASE_CONTEXT in transition.effects
+    return Decided(
+        after,
+        transition,
+        tuple(notes),
+        device=decided.device,
+        user=decided.user,
+        new_device=new_device,
+        callbacks=tuple(callbacks),
+        result_claims=result_claims(after, now=now) if signs else None,
+        consent_claims=consent_claims(after, answer, payload=payload, point=point, now=now)
+        if signs and operation.kind is OperationKind.SIGNATURE
+        else None,
+    )
 
 
 def callback(operation: Operation, *, authenticators: int | None) -> tuple[str, dict[str, Any]]:
