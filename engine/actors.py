@@ -259,10 +259,10 @@ class OperationActor:
             raise OperationNotPending(f"the transaction is {self.operation.status}")
         if bounded and len(self._inbox) >= self.context.settings.inbox_size:
             raise Conflict("this transaction is busy with other requests; retry")
-        self._inbox.append(message)
         if not self._busy:
-            self._supervisor.start_soon(self._drain)
+            self._supervisor.start_soon(self._drain)  # raises if the engine has stopped
             self._busy = True
+        self._inbox.append(message)
 
     def refresh(self, stored: Operation) -> None:
         """Another process stored a newer version: take it, and end if it has ended."""
