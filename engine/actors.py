@@ -100,12 +100,10 @@ from engine.recent import Recent
 from engine.replay import Nonce, spend
 from engine.settings import OperationSettings
 from engine.statements import OutboxItem
-from engine.store import Store
 from engine.tokens import STATUS_GRACE, TokenKind, token_claims
 from hsm import ecdsa
 from hsm.keyring import Keyring
 from hsm.tokens import TokenSigner
-from hsm.verifier import BatchVerifier
 from tapsign_sdk.model import (
     DeviceAnswer,
     OperationKind,
@@ -132,13 +130,31 @@ class CallbackQueue(Protocol):
         """How long the rows this process writes are held by it, unrenewed."""
 
 
+class Units(Protocol):
+    """The store as the runtime uses it (engine/store.py's :class:`Store`): units of work,
+    each in one thread hop and one transaction."""
+
+    async def write(
+        self, work: Callable[[Connection], T], *, prepare: Callable[[], None] | None = None
+    ) -> T: ...
+
+    async def read(self, work: Callable[[Connection], T]) -> T: ...
+
+
+class Verifier(Protocol):
+    """The batched verifier as the runtime uses it (hsm/verifier.py)."""
+
+    async def verify(self, *, public_key: bytes, message: bytes, signature: bytes) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Context:
-    """What every actor shares."""
+    """What every actor shares: its ports (the store, the verifier, the keyring and its
+    signers, the callback queue, the dispatcher, the peers) and its settings and clock."""
 
-    store: Store
+    store: Units
     keyring: Keyring
-    verifier: BatchVerifier
+    verifier: Verifier
     attestor: Attestor
     consent: TokenSigner
     #: Signs result tokens.
