@@ -1,8 +1,13 @@
-"""Routes in process (tests/api/conftest.py): what an app registers and answers."""
+"""Routes in process (tests/api/conftest.py): what an app registers and answers, and every
+bad request refused with a problem that says what was wrong."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
+from openapi_spec_validator import validate
 
 from api.routing import routes_of
 from api.server import build_app
@@ -57,3 +62,114 @@ async def test_an_unknown_user_is_a_problem_and_the_app_goes_on(in_process: InPr
     assert response.content_type == PROBLEM
     health = await in_process.client.get("/readyz")
     assert health.status_code == 200
+
+
+UUID_ZERO = "00000000-0000-0000-0000-000000000000"
+
+
+async def _routes(in_process: InProcess) -> list[tuple[str, str, str, bool]]:
+    """``(method, path, security scheme, has a JSON body)`` of every documented route."""
+    document = await (await in_process.client.get("/openapi.json")).get_json()
+    found = []
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            schemes = [next(iter(option)) for option in operation["security"]]
+            content = operation.get("requestBody", {}).get("content", {})
+            found.append(
+                (method.upper(), path, schemes[0] if schemes else "", "application/json" in content)
+            )
+    return found
+
+
+def _concrete(template: str) -> str:
+    for name in ("{transactionId}", "{userId}", "{authenticatorId}"):
+        template = template.replace(name, UUID_ZERO)
+    return template
+
+
+async def test_the_openapi_document_is_valid_and_answers_for_every_route(
+    in_process: InProcess,
+) -> None:
+    validate(await (await in_process.client.get("/openapi.json")).get_json())
+    documented = await _routes(in_process)
+    assert len(documented) >= 28
+    for method, template, _, _ in documented:
+        response = await in_process.client.open(_concrete(template), method=method)
+        # Every documented route exists with its method: no 405, no "no such route" 404.
+        assert response.status_code != 405, (method, template)
+        if response.status_code == 404:
+            problem = await response.get_json()
+            assert problem["type"] != "https://tapsign.dev/problems/not-found"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "problem"),
+    [
+        (b"{not json", "application/json", 400, "bad-request"),
+        (b"[]", "application/json", 422, "invalid-input"),
+        (b'{"surprise": 1}', "application/json", 422, "invalid-input"),
+        (b'{"x": ' * 5_000 + b"1" + b"}" * 5_000, "application/json", 422, "invalid-input"),
+        (b"{}", "text/plain", 415, "unsupported-media-type"),
+        (b"x" * 70_000, "application/json", 413, "request-entity-too-large"),
+    ],
+    ids=["malformed", "wrong-type", "unknown-field", "deeply-nested", "media-type", "too-large"],
+)
+async def test_every_json_endpoint_refuses_bad_bodies_with_a_problem(
+    in_process: InProcess, body: bytes, content_type: str, status: int, problem: str
+) -> None:
+    checked = 0
+    for method, template, scheme, has_body in await _routes(in_process):
+        if not has_body:
+            continue
+        path = _concrete(template)
+        headers = {"Content-Type": content_type}
+        if scheme == "accessKey":
+            headers.update(in_process.headers)
+        elif scheme == "deviceSignature":
+            headers.update(in_process.signed(method, path, body))
+        response = await in_process.client.open(path, method=method, data=body, headers=headers)
+        refusal = await response.get_json()
+        assert response.status_code == status, (method, path, refusal)
+        assert response.content_type == PROBLEM
+        assert refusal["type"] == f"https://tapsign.dev/problems/{problem}"
+        assert refusal["status"] == status
+        checked += 1
+    assert checked >= 9
+
+
+async def test_bad_uuids_and_methods_and_unknown_paths(in_process: InProcess) -> None:
+    for method, template, _, _ in await _routes(in_process):
+        if "{" not in template:
+            continue
+        path = template.split("{")[0] + "not-a-uuid" + template.split("}")[1]
+        response = await in_process.client.open(path, method=method, headers=in_process.headers)
+        assert (response.status_code, response.content_type) == (404, PROBLEM), path
+    wrong = await in_process.client.put("/api/v1/approval", headers=in_process.headers)
+    assert (wrong.status_code, wrong.content_type) == (405, PROBLEM)
+    missing = await in_process.client.get("/api/v2/nothing")
+    assert (missing.status_code, missing.content_type) == (404, PROBLEM)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"amount": "-5", "currency": "EUR"}, "amount"),
+        ({"amount": "1.00", "currency": "EURO"}, "currency"),
+        ({"amount": "1.00", "currency": "XXX"}, "currency"),
+        ({"expiresIn": 100_000}, "expiresIn"),
+        ({"message": "m" * 501}, "message"),
+        ({"authenticatorId": "not-a-uuid"}, "authenticatorId"),
+        ({"requireUserVerification": "yes"}, "requireUserVerification"),
+    ],
+)
+async def test_out_of_range_values_name_the_field(
+    in_process: InProcess, fields: dict[str, Any], field: str
+) -> None:
+    payload = {"username": "alice", **fields}
+    if "amount" in fields:
+        payload["payee"] = {"name": "Shop", "account": "DE89"}
+    response = await in_process.client.post(
+        "/api/v1/approval", json=payload, headers=in_process.headers
+    )
+    assert (response.status_code, response.content_type) == (422, PROBLEM)
+    assert (await response.get_json())["field"] == field
