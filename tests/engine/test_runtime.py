@@ -155,7 +155,8 @@ async def test_a_payment_from_start_to_success(
     result = await runtime.supervisor.answer(transaction, phone.answer(shown))
     assert result.operation.phase is Phase.SUCCEEDED
     assert result.operation.result_token is not None
-    # The start's unit and the answer's unit; the fetch and the status touch nothing.
+    # The start's unit and the answer's unit; the fetch and the status touch nothing, and
+    # the callback (the payment has a callback URL) is a row in the answer's unit.
     assert runtime.units.writes - writes == 2
     assert (await runtime.supervisor.get(transaction)).phase is Phase.SUCCEEDED
     assert [item.event for item in runtime.callbacks.items][-1] == "transaction.succeeded"
