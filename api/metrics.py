@@ -161,7 +161,7 @@ def metrics_text(services: Services) -> str:
         (
             "tapsign_peer_notices_sent_total",
             "counter",
-            "Changes announced to the other processes on this host",
+            "Changes announced to the other processes",
             peers.sent,
             "",
         ),
@@ -177,6 +177,13 @@ def metrics_text(services: Services) -> str:
             "counter",
             "Announcements received from the other processes",
             peers.received,
+            "",
+        ),
+        (
+            "tapsign_peer_resyncs_total",
+            "counter",
+            "Times notices may have been lost and what moved was read again",
+            peers.resynced,
             "",
         ),
         (

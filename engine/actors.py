@@ -95,7 +95,7 @@ from engine.operations import (
     judge,
     precheck,
 )
-from engine.peers import Peers
+from engine.peers import Notices
 from engine.recent import Recent
 from engine.replay import Nonce, spend
 from engine.settings import OperationSettings
@@ -161,7 +161,7 @@ class Context:
     tokens: TokenSigner
     callbacks: CallbackQueue
     dispatcher: Dispatcher
-    peers: Peers
+    peers: Notices
     settings: OperationSettings
     clock: Clock
 
@@ -424,6 +424,7 @@ class OperationActor:
                 before=before,
                 judged=judged,
                 lease_until=after.updated_at + self.context.callbacks.lease,
+                origin=self.context.peers.origin,
             )
             if items is not None and nonce is not None:
                 spend(connection, nonce)
@@ -589,15 +590,18 @@ def _store_decided(
     *,
     before: Operation,
     lease_until: datetime | None,
+    origin: str,
     judged: Facts | None = None,
 ) -> list[OutboxItem] | None:
     """Write ``decided`` (``after``: its operation with what the HSM signed): the operation
     if it is still at ``before``'s version (compare-and-set), a new device, the audit
     entries, the device and user if they are still as ``judged`` (else :class:`_Stale`, and
-    the caller's unit rolls back), and the callbacks. None if another actor or process
-    changed the operation first (nothing is written then)."""
+    the caller's unit rolls back), and the callbacks; on PostgreSQL, the change's notice to
+    the other processes (``origin``: this one's name, engine/peers.py). None if another
+    actor or process changed the operation first (nothing is written then)."""
     if not db.update_operation(connection, after, expected_version=before.version):
         return None
+    db.notify_changed(connection, after, origin=origin)
     # Judged on the facts alone (a locked device, an inactive user), without an update to
     # guard: they must still hold.
     if (
@@ -655,6 +659,7 @@ def cancel_pending_of_user(
     now: datetime,
     actor: str,
     lease_until: datetime | None,
+    origin: str,
 ) -> list[tuple[Operation, list[OutboxItem]]]:
     """Cancel every operation ``user_id`` has pending, in the caller's transaction: a user
     deactivated or deleted keeps nothing that could still be approved. Returns each
@@ -664,7 +669,12 @@ def cancel_pending_of_user(
     for before in db.pending_for_user(connection, user_id):
         decided = decide_end(before, Cancel(), actor=actor, now=now)
         items = _store_decided(
-            connection, decided, decided.operation, before=before, lease_until=lease_until
+            connection,
+            decided,
+            decided.operation,
+            before=before,
+            lease_until=lease_until,
+            origin=origin,
         )
         if items is not None:
             cancelled.append((decided.operation, items))
@@ -796,6 +806,20 @@ class Supervisor:
         if actor is not None and actor.operation.version < version and self._nursery is not None:
             self._changed_elsewhere += 1
             self._nursery.start_soon(self._refresh, actor)
+
+    async def resync(self) -> None:
+        """Notices may have been lost (engine/peers.py): read the versions of every operation
+        held here in one query, refresh the actors whose operation moved, and wake every
+        waiter on a watch to read again."""
+        held = list(self._actors)
+        if held:
+            stored = await self.context.store.read(
+                lambda connection: db.operation_versions(connection, held)
+            )
+            for operation_id, version in stored.items():
+                self.changed_elsewhere(operation_id, version)
+        for operation_id in list(self._watches):
+            self._watches.pop(operation_id).changed.set()
 
     async def _refresh(self, actor: OperationActor) -> None:
         stored = await self.context.store.read(

@@ -1,4 +1,7 @@
-"""Telling the other processes on this host that an operation changed.
+"""Telling the other processes that an operation changed: over Unix datagram sockets between
+the processes of one host on SQLite (:class:`Peers`), over PostgreSQL's ``LISTEN/NOTIFY``
+between every process of every host on PostgreSQL (:class:`PostgresNotices`). Both are
+:class:`Notices`, and both only hint: a receiver reads the operation again.
 
 With ``tapsign serve --workers N`` every worker process runs its own engine on the shared
 database, and a transaction's requests land on whichever process the kernel hands the
@@ -13,7 +16,12 @@ can change nothing. Sending never blocks: a notice a full receiver cannot take i
 and that receiver's long-poll ends at its timeout as it would have without this. A socket
 whose process is gone refuses the notice and is removed.
 
-Processes on other hosts are not reached; see docs/discussion/design.md.
+On PostgreSQL a change is announced by ``pg_notify`` in the very transaction that stores it
+(engine/statements.py ``notify_changed``), so it is delivered when it commits and never
+if it rolls back, to every process of every host listening on the database: each holds
+one listening connection, woken in Trio when its socket becomes readable. A notice is
+lost only with that connection: after reconnecting, the process reads the versions of
+every operation it holds in one query and refreshes those that moved (``on_lost``).
 """
 
 from __future__ import annotations
@@ -21,16 +29,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import struct
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 from uuid import UUID
 
 import msgspec
+import psycopg
+import sqlalchemy as sa
 import trio
 
+from engine.statements import CHANGES_CHANNEL
 from tapsign_sdk.problems import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -40,18 +53,44 @@ _NOTICE = struct.Struct("!16sQ")
 _MAX_PATH = 107
 
 OnChange = Callable[[UUID, int], None]
+#: Called when notices may have been lost: read what moved meanwhile.
+OnLost = Callable[[], Awaitable[None]]
+#: Seconds between attempts to listen again after the connection was lost.
+RECONNECT_SECONDS = 1.0
 
 
 class PeerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     sent: int
     dropped: int
     received: int
+    #: Times notices may have been lost and what moved was read again.
+    resynced: int = 0
+
+
+class Notices(Protocol):
+    """How a process tells the others that an operation changed, and hears of theirs."""
+
+    #: This process's name in notices (it ignores its own).
+    origin: str
+
+    def announce(self, operation_id: UUID, version: int) -> None: ...
+
+    async def run(
+        self,
+        on_change: OnChange,
+        on_lost: OnLost,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None: ...
+
+    def statistics(self) -> PeerStatistics: ...
 
 
 class Peers:
     """This process's socket in ``directory``, or nothing at all when ``directory`` is None."""
 
     def __init__(self, directory: str | None) -> None:
+        self.origin = secrets.token_hex(8)
         self._directory = None if directory is None else Path(directory)
         self._path: Path | None = None
         self._sender: socket.socket | None = None
@@ -63,9 +102,14 @@ class Peers:
         return PeerStatistics(sent=self._sent, dropped=self._dropped, received=self._received)
 
     async def run(
-        self, on_change: OnChange, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        on_change: OnChange,
+        on_lost: OnLost,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Receive notices and pass them to ``on_change`` until cancelled."""
+        """Receive notices and pass them to ``on_change`` until cancelled. (A datagram
+        is dropped by its sender, not its receiver: ``on_lost`` is not called here.)"""
         if self._directory is None:
             task_status.started()
             return
@@ -105,6 +149,81 @@ class Peers:
         )
         self._sent += sent
         self._dropped += dropped
+
+
+class PostgresNotices:
+    """Notices between every process on one PostgreSQL database (see the module docstring).
+    The notices themselves are sent by the transactions that store the changes."""
+
+    def __init__(self, database_url: str) -> None:
+        self.origin = secrets.token_hex(8)
+        url = sa.make_url(database_url).set(drivername="postgresql")
+        self._conninfo = url.render_as_string(hide_password=False)
+        self._sent = 0
+        self._received = 0
+        self._resynced = 0
+        #: The server process of the listening connection, while there is one.
+        self.listener_pid: int | None = None
+
+    def statistics(self) -> PeerStatistics:
+        return PeerStatistics(
+            sent=self._sent, dropped=0, received=self._received, resynced=self._resynced
+        )
+
+    def announce(self, operation_id: UUID, version: int) -> None:
+        """Counted only: the transaction that stored the change sent its notice."""
+        self._sent += 1
+
+    async def run(
+        self,
+        on_change: OnChange,
+        on_lost: OnLost,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen until cancelled; after a lost connection, listen again and ``on_lost``."""
+        connection = await trio.to_thread.run_sync(self._listen)
+        task_status.started()
+        while True:
+            try:
+                await self._receive(connection, on_change)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("lost the PostgreSQL connection that listens for changes: %s", exc)
+            finally:
+                self.listener_pid = None
+                connection.close()
+            while True:
+                await trio.sleep(RECONNECT_SECONDS)
+                try:
+                    connection = await trio.to_thread.run_sync(self._listen)
+                    break
+                except psycopg.Error as exc:
+                    log.warning("cannot listen for changes on PostgreSQL: %s", exc)
+            self._resynced += 1
+            await on_lost()
+
+    def _listen(self) -> psycopg.Connection[tuple[object, ...]]:
+        connection = psycopg.connect(self._conninfo, autocommit=True)
+        connection.execute(f"LISTEN {CHANGES_CHANNEL}")
+        self.listener_pid = connection.info.backend_pid
+        return connection
+
+    async def _receive(
+        self, connection: psycopg.Connection[tuple[object, ...]], on_change: OnChange
+    ) -> None:
+        pgconn = connection.pgconn
+        while True:
+            await trio.lowlevel.wait_readable(connection.fileno())
+            pgconn.consume_input()  # psycopg.OperationalError once the connection is gone
+            while (notice := pgconn.notifies()) is not None:
+                try:
+                    raw, version, origin = notice.extra.decode().split(":")
+                    operation_id, stored = UUID(hex=raw), int(version)
+                except ValueError:
+                    continue  # not ours: ignored, as a stray datagram is
+                if origin != self.origin:
+                    self._received += 1
+                    on_change(operation_id, stored)
 
 
 def announce_to(directory: str, changes: Iterable[tuple[UUID, int]]) -> None:

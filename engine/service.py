@@ -15,6 +15,7 @@ from datetime import timedelta
 from uuid import UUID
 
 import httpx
+import sqlalchemy as sa
 import trio
 from sqlalchemy.engine import Connection
 
@@ -26,7 +27,7 @@ from engine.callbacks import CallbackDeliverer
 from engine.dispatch import WebhookDispatcher
 from engine.identity import Identity, delete_user, set_user_status
 from engine.model import Clock, Operation, User, UserStatus, utc_now
-from engine.peers import Peers
+from engine.peers import Notices, Peers, PostgresNotices
 from engine.settings import EngineSettings
 from engine.statements import OutboxItem
 from engine.store import Store
@@ -60,7 +61,12 @@ class Engine:
         self.callbacks = CallbackDeliverer(
             self.store, keyring, settings.callbacks, clock=clock, client=http_client
         )
-        self.peers = Peers(settings.peers_dir)
+        # Every process of every host on PostgreSQL; the processes of this host on SQLite.
+        self.peers: Notices = (
+            PostgresNotices(settings.database.url)
+            if sa.make_url(settings.database.url).get_backend_name() == "postgresql"
+            else Peers(settings.peers_dir)
+        )
         self.supervisor = Supervisor(
             Context(
                 store=self.store,
@@ -86,7 +92,9 @@ class Engine:
                 await nursery.start(self.verifier.run)
                 await nursery.start(self.callbacks.run)
                 await nursery.start(self.supervisor.run)
-                await nursery.start(self.peers.run, self.supervisor.changed_elsewhere)
+                await nursery.start(
+                    self.peers.run, self.supervisor.changed_elsewhere, self.supervisor.resync
+                )
                 nursery.start_soon(self._refresh_keys)
                 task_status.started()
         finally:
@@ -112,6 +120,7 @@ class Engine:
             actor=actor,
             clock=self.clock,
             lease=self.callbacks.lease,
+            origin=self.peers.origin,
         )
         self._took_effect(cancelled)
         assert user is not None  # noqa: S101 - a deactivation returns the user
@@ -126,6 +135,7 @@ class Engine:
             actor=actor,
             clock=self.clock,
             lease=self.callbacks.lease,
+            origin=self.peers.origin,
         )
         self._took_effect(cancelled)
 
@@ -148,12 +158,14 @@ async def end_user(
     actor: str,
     clock: Clock,
     lease: timedelta | None,
+    origin: str = "",
 ) -> tuple[User | None, list[tuple[Operation, list[OutboxItem]]]]:
     """Deactivate (final) or delete a user, and cancel in the same transaction every
     operation the user had pending, with its callbacks: nothing started before can still be
     approved, whoever ends the user (the API, or ``tapsign users`` while a server runs).
     ``lease``: how long the caller's process holds the callbacks it will deliver; None for
-    a command, whose callbacks a running server takes up (engine/callbacks.py). Returns the
+    a command, whose callbacks a running server takes up (engine/callbacks.py). ``origin``:
+    the calling process's name in notices (engine/peers.py; a command has none). Returns the
     deactivated user (None when deleted) and the cancelled operations with their callbacks;
     the caller tells the actors (:meth:`Supervisor.changed_here` or engine/peers.py)."""
     now = clock()
@@ -168,7 +180,7 @@ async def end_user(
                 connection, user_id, UserStatus.DEACTIVATED, now=now, actor=actor
             )
         cancelled = cancel_pending_of_user(
-            connection, user_id, now=now, actor=actor, lease_until=lease_until
+            connection, user_id, now=now, actor=actor, lease_until=lease_until, origin=origin
         )
         return user, cancelled
 

@@ -151,6 +151,31 @@ def insert_operations(connection: Connection, batch: Sequence[Operation]) -> Non
     connection.execute(_INSERT_OPERATION, [operation_values(operation) for operation in batch])
 
 
+#: The PostgreSQL channel on which stored changes of operations are announced (engine/peers.py).
+CHANGES_CHANNEL = "tapsign_operations"
+_NOTIFY = sa.select(sa.func.pg_notify(sa.bindparam("channel"), sa.bindparam("payload")))
+
+
+def notify_changed(connection: Connection, operation: Operation, *, origin: str) -> None:
+    """On PostgreSQL, announce ``operation``'s new version to every listening process, in
+    the transaction that stores it: delivered when it commits, never if it rolls back.
+    ``origin`` names the announcing process (it ignores its own notices). Nothing on SQLite,
+    whose processes are on one host and hear of changes over Unix sockets."""
+    if connection.dialect.name == "postgresql":
+        payload = f"{operation.id.hex}:{operation.version}:{origin}"
+        connection.execute(_NOTIFY, {"channel": CHANGES_CHANNEL, "payload": payload})
+
+
+def operation_versions(connection: Connection, ids: Sequence[UUID]) -> dict[UUID, int]:
+    """The stored version of each of ``ids`` (one query per ten thousand)."""
+    versions: dict[UUID, int] = {}
+    for start in range(0, len(ids), 10_000):
+        chunk = list(ids[start : start + 10_000])
+        query = sa.select(operations.c.id, operations.c.version).where(operations.c.id.in_(chunk))
+        versions.update((row.id, row.version) for row in connection.execute(query))
+    return versions
+
+
 def get_operation(connection: Connection, operation_id: UUID) -> Operation | None:
     row = connection.execute(_OPERATION_BY_ID, {"key": operation_id}).first()
     return None if row is None else operation_of(row)

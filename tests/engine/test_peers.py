@@ -15,6 +15,10 @@ from engine.peers import Peers
 from tapsign_sdk.problems import ConfigurationError
 
 
+async def nothing_lost() -> None:
+    """A datagram is dropped by its sender: a receiver is never told it lost one."""
+
+
 async def test_a_notice_reaches_every_other_process_but_not_the_sender(tmp_path: Path) -> None:
     directory = tmp_path / "peers"
     heard: dict[str, list[tuple[UUID, int]]] = {"a": [], "b": [], "c": []}
@@ -29,7 +33,7 @@ async def test_a_notice_reaches_every_other_process_but_not_the_sender(tmp_path:
     operation = uuid4()
     async with trio.open_nursery() as nursery:
         for name, peer in peers.items():
-            await nursery.start(peer.run, functools.partial(hear, name))
+            await nursery.start(peer.run, functools.partial(hear, name), nothing_lost)
         peers["a"].announce(operation, 7)
         with trio.fail_after(10):  # a lost notice fails the test instead of hanging it
             await both.wait()
@@ -51,7 +55,7 @@ async def test_a_dead_process_socket_is_removed_and_garbage_is_ignored(tmp_path:
 
     peer, sender = Peers(str(directory)), Peers(str(directory))
     async with trio.open_nursery() as nursery:
-        await nursery.start(peer.run, hear)
+        await nursery.start(peer.run, hear, nothing_lost)
         listening = next(directory.iterdir())
         dead = directory / "1-dead.sock"
         orphan = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -59,7 +63,7 @@ async def test_a_dead_process_socket_is_removed_and_garbage_is_ignored(tmp_path:
         orphan.close()  # the file stays and nobody listens: a crashed process
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as forger:
             forger.sendto(b"not a notice", str(listening))
-        await nursery.start(sender.run, hear)
+        await nursery.start(sender.run, hear, nothing_lost)
         operation = uuid4()
         sender.announce(operation, 2)  # after the garbage: datagrams arrive in order
         assert not dead.exists()
@@ -73,8 +77,8 @@ async def test_a_dead_process_socket_is_removed_and_garbage_is_ignored(tmp_path:
 async def test_no_directory_means_alone_and_a_too_long_one_is_refused(tmp_path: Path) -> None:
     alone = Peers(None)
     async with trio.open_nursery() as nursery:
-        await nursery.start(alone.run, lambda *_: None)
+        await nursery.start(alone.run, lambda *_: None, nothing_lost)
         alone.announce(uuid4(), 1)  # nobody to tell, nothing fails
     assert alone.statistics().sent == 0
     with pytest.raises(ConfigurationError, match="too long for a Unix socket path"):
-        await Peers(str(tmp_path / ("x" * 120))).run(lambda *_: None)
+        await Peers(str(tmp_path / ("x" * 120))).run(lambda *_: None, nothing_lost)
