@@ -185,6 +185,8 @@ class _Stale(Exception):
         self.valid = valid
 
 
+#: Overdue operations one sweep expires at most (engine/actors.py ``_expire_overdue``).
+SWEEP_LIMIT = 1000
 #: Judgements of one answer before giving up on facts that keep changing.
 STALE_TRIES = 3
 
@@ -652,6 +654,32 @@ def _store_decided(
     return items
 
 
+def _expire_unheld(
+    overdue: list[Operation],
+    connection: Connection,
+    *,
+    now: datetime,
+    lease_until: datetime,
+    origin: str,
+) -> list[tuple[Operation, list[OutboxItem]]]:
+    """Expire ``overdue`` operations, each unless another process ended it first; returns
+    those expired here with their callbacks."""
+    expired = []
+    for before in overdue:
+        decided = decide_end(before, Expire(), actor="system", now=now)
+        items = _store_decided(
+            connection,
+            decided,
+            decided.operation,
+            before=before,
+            lease_until=lease_until,
+            origin=origin,
+        )
+        if items is not None:
+            expired.append((decided.operation, items))
+    return expired
+
+
 def cancel_pending_of_user(
     connection: Connection,
     user_id: UUID,
@@ -753,6 +781,7 @@ class Supervisor:
             # request's (Quart keeps the request there) would stay alive as long as the task.
             self._spawning_context = contextvars.copy_context()
             nursery.start_soon(self._expire_when_due)
+            nursery.start_soon(self._expire_overdue)
 
             def pending(connection: Connection) -> list[tuple[Operation, Facts]]:
                 return [
@@ -796,6 +825,37 @@ class Supervisor:
             wait = (self._deadlines[0][0] - now).total_seconds() if self._deadlines else math.inf
             with trio.move_on_after(wait):
                 await self._earlier_deadline.wait()
+
+    async def _expire_overdue(self) -> None:
+        """Expire the pending operations no actor here holds once they are overdue by a
+        sweep period: those of a process that died, on this host or another, whose own
+        timer is gone (a restart would resume them, but a host may not come back). The
+        compare-and-set keeps a slow owner and several sweepers from ending one twice."""
+        while True:
+            await trio.sleep(self.context.settings.sweep_seconds)
+            await self._sweep(self.context.clock())
+
+    async def _sweep(self, now: datetime) -> None:
+        cutoff = now - timedelta(seconds=self.context.settings.sweep_seconds)
+        overdue = await self.context.store.read(
+            lambda connection: db.overdue_operations(connection, before=cutoff, limit=SWEEP_LIMIT)
+        )
+        unheld = [operation for operation in overdue if operation.id not in self._actors]
+        if not unheld:
+            return
+        expired = await self.context.store.write(
+            functools.partial(
+                _expire_unheld,
+                unheld,
+                now=now,
+                lease_until=now + self.context.callbacks.lease,
+                origin=self.context.peers.origin,
+            )
+        )
+        for operation, items in expired:
+            log.info("expired %s, overdue and held by no process", operation.id)
+            self.changed_here(operation)
+            self.context.callbacks.enqueue(items)
 
     def changed_elsewhere(self, operation_id: UUID, version: int) -> None:
         """Another process stored ``version`` of the operation (engine/peers.py)."""

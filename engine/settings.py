@@ -37,6 +37,9 @@ class OperationSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     #: Authenticators one user may have, enrolled or being enrolled (deactivated ones not
     #: counted); beyond, an enrolment is refused (409).
     max_authenticators_per_user: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
+    #: Every this many seconds a process expires the pending operations overdue by as much
+    #: that no process of its own holds: those of a process that died, on any host.
+    sweep_seconds: Annotated[float, msgspec.Meta(ge=0.5, le=3600)] = 5.0
 
 
 class CallbackSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

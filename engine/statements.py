@@ -198,6 +198,17 @@ def update_operation(
 _PENDING = [phase.value for phase in (Phase.CREATED, Phase.DISPATCHED, Phase.RESPONDED)]
 
 
+def overdue_operations(connection: Connection, *, before: datetime, limit: int) -> list[Operation]:
+    """Pending operations whose deadline was before ``before``, earliest first."""
+    rows = connection.execute(
+        operations.select()
+        .where(operations.c.phase.in_(_PENDING), operations.c.expires_at < before)
+        .order_by(operations.c.expires_at)
+        .limit(limit)
+    )
+    return [operation_of(row) for row in rows]
+
+
 def pending_operations(connection: Connection) -> list[Operation]:
     rows = connection.execute(
         operations.select()

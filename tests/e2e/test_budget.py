@@ -30,8 +30,9 @@ TRANSACTIONS = 3
 
 @pytest.fixture(scope="module")
 def quiet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server with nothing of its own to do meanwhile (no callback rescans)."""
-    config = "[callbacks]\nrescan_seconds = 3600\n"
+    """A server with nothing of its own to do meanwhile (no callback rescans, no sweeps for
+    overdue operations)."""
+    config = "[callbacks]\nrescan_seconds = 3600\n[operations]\nsweep_seconds = 3600\n"
     with serving(tmp_path_factory.mktemp("budget"), config=config) as server:
         yield server
 

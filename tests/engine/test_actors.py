@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -592,6 +593,35 @@ async def test_a_stale_actor_that_expires_takes_the_stored_end(
         assert ended.phase is Phase.SUCCEEDED
         await trio.testing.wait_all_tasks_blocked()
         assert first.supervisor.statistics().live_operations == 0
+
+
+async def test_the_operations_of_a_process_that_died_are_expired_by_another(
+    engine_factory: EngineFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Nobody holds them any more (a host gone for good): another process's sweep expires
+    them once overdue by a sweep period (5 s), with their audit entry and callback."""
+    async with engine_factory() as survivor:
+        with clock_stopped(autojump_clock):
+            async with engine_factory() as doomed:
+                _, user_id, _ = await enrol(doomed)
+                operation = await start(doomed, user_id, expires_in=60, callback_url=CALLBACK)
+            # The process is gone; its operation is pending in the database, held by nobody.
+            assert survivor.supervisor.statistics().live_operations == 0
+            autojump_clock.jump(60 + 5 + 1)  # the survivor's next sweep finds it overdue
+
+            for _ in range(200):  # the sweep reads and writes in threads: real time
+                ended = await survivor.store.read(
+                    lambda connection: db.get_operation(connection, operation.id)
+                )
+                if ended is not None and ended.phase.terminal:
+                    break
+                await trio.to_thread.run_sync(time.sleep, 0.05)
+        assert ended is not None
+        assert ended.phase is Phase.EXPIRED
+        expired = [row for row in rows(survivor, audit_log) if row.action == "operation.expired"]
+        assert [(row.operation_id, row.actor) for row in expired] == [(operation.id, "system")]
+        events = [row.event for row in rows(survivor, outbox) if row.operation_id == operation.id]
+        assert events == ["transaction.expired"]
 
 
 async def test_an_answer_judged_on_facts_changed_elsewhere_is_judged_again(
