@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from openapi_spec_validator import validate
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.routing import routes_of
 from api.server import build_app
@@ -173,3 +174,24 @@ async def test_out_of_range_values_name_the_field(
     )
     assert (response.status_code, response.content_type) == (422, PROBLEM)
     assert (await response.get_json())["field"] == field
+
+
+async def test_metrics_are_valid_prometheus_exposition(in_process: InProcess) -> None:
+    """Parsed by Prometheus's own client library: every family has its type and help, and
+    the counters a payment moves are there."""
+    await in_process.client.post(
+        "/api/v1/approval", json={"username": "alice"}, headers=in_process.headers
+    )
+    response = await in_process.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain; version=0.0.4")
+    text = await response.get_data(as_text=True)
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert all(family.documentation for family in families.values())
+    assert families["tapsign_requests_active"].type == "gauge"
+    # The client library names a counter's family without its _total suffix.
+    written = families["tapsign_database_writes"]
+    assert written.type == "counter"
+    (total,) = [sample.value for sample in written.samples if sample.name.endswith("_total")]
+    assert total >= 1
+    assert "tapsign_operations_started" in families
