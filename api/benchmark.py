@@ -12,36 +12,26 @@ engine/benchmark.py gives the second figure, operations resumed from the databas
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 from uuid import UUID
 
-import httpx
 import trio
 
 from api.access import AccessKeys
+from api.server import local_server
 from api.settings import Settings
-from engine.benchmark import MemoryReport, seed_users
+from engine.benchmark import MemoryReport, resident_bytes, seed_users
 from engine.model import utc_now
 from engine.settings import DatabaseSettings
 from engine.store import Store
 from tapsign_sdk.client import Client
-from tapsign_sdk.problems import TapsignError
 from tapsign_sdk.wire import Payee
 
 CLIENTS = 4
 SHOP = Payee(name="Shop", account="DE89 3704 0044 0532 0130 00")
-
-
-def _resident(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _prepare(database: DatabaseSettings, settings: Settings, users: int) -> tuple[list[UUID], str]:
@@ -63,44 +53,6 @@ def _prepare(database: DatabaseSettings, settings: Settings, users: int) -> tupl
     return trio.run(prepare)
 
 
-@contextmanager
-def _server(
-    directory: str, database: DatabaseSettings, config: str | None
-) -> Iterator[tuple[int, str]]:
-    """One ``tapsign serve`` process on a free loopback port: its pid and URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    environment = {
-        **os.environ,
-        "TAPSIGN_DATABASE_URL": database.url,
-        "TAPSIGN_SERVER_PEERS_DIR": f"{directory}/peers",
-        **({"TAPSIGN_CONFIG": config} if config else {}),
-    }
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "api.cli", "serve", "--workers", "1", "--host", "127.0.0.1"]
-    process = subprocess.Popen(  # noqa: S603 - this very program
-        [*command, "--port", str(port)],
-        env=environment,
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise TapsignError("the benchmark's server did not start (see its output above)")
-            time.sleep(0.2)
-        yield process.pid, url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
 def _approve(url: str, access_key: str, users: Sequence[UUID]) -> None:
     """One payment approval per user, from ``CLIENTS`` clients at once."""
 
@@ -120,13 +72,19 @@ def bench_memory_api(settings: Settings, *, count: int, config: str | None) -> M
     with tempfile.TemporaryDirectory() as directory:
         database = DatabaseSettings(url=f"sqlite:///{directory}/bench.db")
         users, access_key = _prepare(database, settings, warm_up + count)
-        with _server(directory, database, config) as (pid, url):
+        environment = {
+            **os.environ,
+            "TAPSIGN_DATABASE_URL": database.url,
+            "TAPSIGN_SERVER_PEERS_DIR": f"{directory}/peers",
+            **({"TAPSIGN_CONFIG": config} if config else {}),
+        }
+        with local_server("benchmark", environment=environment, workers=1) as (pid, url):
             _approve(url, access_key, users[:warm_up])
             time.sleep(1)
-            before = _resident(pid)
+            before = resident_bytes(pid)
             _approve(url, access_key, users[warm_up:])
             time.sleep(1)
-            after = _resident(pid)
+            after = resident_bytes(pid)
     return MemoryReport(
         path="api",
         operations=count,

@@ -13,11 +13,8 @@ import contextlib
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 from uuid import UUID
@@ -30,7 +27,7 @@ from hypercorn.run import run as hypercorn_run
 from api.access import SCOPES, AccessKeys
 from api.benchmark import bench_memory_api
 from api.demo import DemoFailed, run_demo
-from api.server import hypercorn_config, serve
+from api.server import answers, hypercorn_config, local_server, serve
 from api.settings import Settings, load_settings
 from engine.audit import CHECKPOINT_AUDIENCE, AuditEntry, verify_chain, verify_checkpoint
 from engine.benchmark import bench_memory
@@ -395,45 +392,15 @@ def demo_command(settings: Settings, arguments: argparse.Namespace) -> None:
         access_key = _with_store(settings, create)
     url = arguments.url or settings.server.base_url()
     with contextlib.ExitStack() as stack:
-        if arguments.url is None and not _answers(url):
-            url = stack.enter_context(_server_for_demo())
+        if arguments.url is None and not answers(url):
+            print("no server at the configured URL: starting one on a free loopback port")
+            _, url = stack.enter_context(local_server("demo"))
         try:
             run_demo(url, access_key)
         except (DemoFailed, ApiError) as exc:
             raise TapsignError(f"the demo failed: {exc}") from exc
         except httpx.TransportError as exc:
             raise TapsignError(f"no tapsign server answers at {url}: {exc}") from exc
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-@contextlib.contextmanager
-def _server_for_demo() -> Iterator[str]:
-    """A server of this configuration on a free loopback port, for the demo's length."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    print(f"no server at the configured URL: starting one on {url}")
-    process = subprocess.Popen(  # noqa: S603 - this very program
-        [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not _answers(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise TapsignError("the demo's server did not start (see its output above)")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 
+import httpx
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
@@ -29,7 +34,7 @@ from hsm.keyring import KeyPurpose, open_keyring
 from hsm.settings import read_pin
 from hsm.verifier import BatchVerifier
 from hsm.verify_backends import make_verify_backend
-from tapsign_sdk.problems import ConfigurationError
+from tapsign_sdk.problems import ConfigurationError, TapsignError
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +134,40 @@ async def serve(
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_on_signal, task_status=task_status)  # type: ignore[arg-type]
     if app.config.get(ENGINE_FAILED):
         raise SystemExit(1)
+
+
+def answers(url: str) -> bool:
+    """Whether a ready tapsign server answers at ``url``."""
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@contextlib.contextmanager
+def local_server(
+    what: str, *, environment: Mapping[str, str] | None = None, workers: int | None = None
+) -> Iterator[tuple[int, str]]:
+    """``tapsign serve`` of this configuration (``environment``: of the process, by default
+    this one's) in a process of its own on a free loopback port, for ``what`` (named if it
+    does not start): its pid and URL, once it is ready; stopped on the way out."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if workers is not None:
+        command += ["--workers", str(workers)]
+    process = subprocess.Popen(  # noqa: S603 - this very program
+        command, env=None if environment is None else dict(environment), stdout=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not answers(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise TapsignError(f"the {what}'s server did not start (see its output above)")
+            time.sleep(0.2)
+        yield process.pid, url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -654,19 +654,23 @@ def _store_decided(
     return items
 
 
-def _expire_unheld(
-    overdue: list[Operation],
+def _end_each(
     connection: Connection,
+    pending: list[Operation],
+    event: Cancel | Expire,
     *,
+    actor: str,
     now: datetime,
-    lease_until: datetime,
+    lease_until: datetime | None,
     origin: str,
 ) -> list[tuple[Operation, list[OutboxItem]]]:
-    """Expire ``overdue`` operations, each unless another process ended it first; returns
-    those expired here with their callbacks."""
-    expired = []
-    for before in overdue:
-        decided = decide_end(before, Expire(), actor="system", now=now)
+    """End each of ``pending`` with ``event`` in the caller's transaction, unless another
+    actor or process ended it first; returns those ended here with their callbacks. The
+    actors holding them are told after the commit (:meth:`Supervisor.changed_here`,
+    engine/peers.py)."""
+    ended = []
+    for before in pending:
+        decided = decide_end(before, event, actor=actor, now=now)
         items = _store_decided(
             connection,
             decided,
@@ -676,8 +680,8 @@ def _expire_unheld(
             origin=origin,
         )
         if items is not None:
-            expired.append((decided.operation, items))
-    return expired
+            ended.append((decided.operation, items))
+    return ended
 
 
 def cancel_pending_of_user(
@@ -690,23 +694,16 @@ def cancel_pending_of_user(
     origin: str,
 ) -> list[tuple[Operation, list[OutboxItem]]]:
     """Cancel every operation ``user_id`` has pending, in the caller's transaction: a user
-    deactivated or deleted keeps nothing that could still be approved. Returns each
-    cancelled operation with its callbacks; the actors holding them are told after the
-    commit (:meth:`Supervisor.changed_here`, engine/peers.py)."""
-    cancelled = []
-    for before in db.pending_for_user(connection, user_id):
-        decided = decide_end(before, Cancel(), actor=actor, now=now)
-        items = _store_decided(
-            connection,
-            decided,
-            decided.operation,
-            before=before,
-            lease_until=lease_until,
-            origin=origin,
-        )
-        if items is not None:
-            cancelled.append((decided.operation, items))
-    return cancelled
+    deactivated or deleted keeps nothing that could still be approved."""
+    return _end_each(
+        connection,
+        db.pending_for_user(connection, user_id),
+        Cancel(),
+        actor=actor,
+        now=now,
+        lease_until=lease_until,
+        origin=origin,
+    )
 
 
 def _operation_callback(
@@ -843,13 +840,17 @@ class Supervisor:
         unheld = [operation for operation in overdue if operation.id not in self._actors]
         if not unheld:
             return
+        lease_until = now + self.context.callbacks.lease
+        origin = self.context.peers.origin
         expired = await self.context.store.write(
-            functools.partial(
-                _expire_unheld,
+            lambda connection: _end_each(
+                connection,
                 unheld,
+                Expire(),
+                actor="system",
                 now=now,
-                lease_until=now + self.context.callbacks.lease,
-                origin=self.context.peers.origin,
+                lease_until=lease_until,
+                origin=origin,
             )
         )
         for operation, items in expired:

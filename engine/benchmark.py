@@ -42,10 +42,11 @@ class MemoryReport(msgspec.Struct, frozen=True, kw_only=True):
     bytes_per_operation: float
 
 
-def resident_bytes() -> int:
-    """The current resident set size (Linux /proc; elsewhere the peak, from getrusage)."""
-    statm = Path("/proc/self/statm")
-    if statm.exists():
+def resident_bytes(pid: int | None = None) -> int:
+    """The resident set size of process ``pid`` (None: this one), from Linux's /proc;
+    elsewhere this process's peak, from getrusage."""
+    statm = Path(f"/proc/{pid or 'self'}/statm")
+    if statm.exists() or pid is not None:
         return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # pragma: no cover - macOS
 
