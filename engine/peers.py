@@ -13,8 +13,10 @@ change of an operation it sends ``(operation id, version)``, 24 bytes, to every 
 socket in the directory. A receiver takes a notice only as a hint to read the operation
 from the database again (engine/actors.py): a forged or stale notice costs one read and
 can change nothing. Sending never blocks: a notice a full receiver cannot take is dropped,
-and that receiver's long-poll ends at its timeout as it would have without this. A socket
-whose process is gone refuses the notice and is removed.
+and the sender owes that receiver a *resync* notice (the nil id), which it sends with its
+next notice or within ``RESYNC_SECONDS``, once the receiver has room again; a receiver told
+so reads the versions of every operation it holds in one query and refreshes those that
+moved (``on_lost``). A socket whose process is gone refuses the notice and is removed.
 
 On PostgreSQL a change is announced by ``pg_notify`` in the very transaction that stores it
 (engine/statements.py ``notify_changed``), so it is delivered when it commits and never
@@ -57,6 +59,10 @@ OnChange = Callable[[UUID, int], None]
 OnLost = Callable[[], Awaitable[None]]
 #: Seconds between attempts to listen again after the connection was lost.
 RECONNECT_SECONDS = 1.0
+#: Seconds between attempts to tell a receiver that missed a notice to read what moved.
+RESYNC_SECONDS = 0.5
+#: The notice that says "you missed one: read everything you hold again".
+_RESYNC = _NOTICE.pack(UUID(int=0).bytes, 0)
 
 
 class PeerStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,12 +100,17 @@ class Peers:
         self._directory = None if directory is None else Path(directory)
         self._path: Path | None = None
         self._sender: socket.socket | None = None
+        #: The receivers that missed a notice and are not yet told so.
+        self._owed: set[str] = set()
         self._sent = 0
         self._dropped = 0
         self._received = 0
+        self._resynced = 0
 
     def statistics(self) -> PeerStatistics:
-        return PeerStatistics(sent=self._sent, dropped=self._dropped, received=self._received)
+        return PeerStatistics(
+            sent=self._sent, dropped=self._dropped, received=self._received, resynced=self._resynced
+        )
 
     async def run(
         self,
@@ -108,8 +119,8 @@ class Peers:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Receive notices and pass them to ``on_change`` until cancelled. (A datagram
-        is dropped by its sender, not its receiver: ``on_lost`` is not called here.)"""
+        """Receive notices and pass them to ``on_change`` until cancelled, and ``on_lost``
+        when a sender says that it dropped one for this process."""
         if self._directory is None:
             task_status.started()
             return
@@ -125,14 +136,18 @@ class Peers:
         try:
             await receiver.bind(os.fspath(path))
             self._path, self._sender = path, sender
-            task_status.started()
-            while True:
-                data = await receiver.recv(_NOTICE.size + 1)
-                if len(data) != _NOTICE.size:
-                    continue
-                raw, version = _NOTICE.unpack(data)
-                self._received += 1
-                on_change(UUID(bytes=raw), version)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._settle_debts)
+                task_status.started()
+                while True:
+                    data = await receiver.recv(_NOTICE.size + 1)
+                    if data == _RESYNC:
+                        self._resynced += 1
+                        await on_lost()
+                    elif len(data) == _NOTICE.size:
+                        raw, version = _NOTICE.unpack(data)
+                        self._received += 1
+                        on_change(UUID(bytes=raw), version)
         finally:
             self._path = self._sender = None
             receiver.close()
@@ -144,11 +159,31 @@ class Peers:
         """Tell every other process here that ``operation_id`` is now at ``version``."""
         if self._sender is None or self._directory is None or self._path is None:
             return
+        self._tell_owed()
         sent, dropped = _announce(
             self._sender, self._directory, operation_id, version, own=os.fspath(self._path)
         )
         self._sent += sent
-        self._dropped += dropped
+        self._dropped += len(dropped)
+        self._owed.update(dropped)
+
+    async def _settle_debts(self) -> None:
+        while True:
+            await trio.sleep(RESYNC_SECONDS)
+            self._tell_owed()
+
+    def _tell_owed(self) -> None:
+        """Tell each receiver that missed a notice to read what moved, once it has room."""
+        if self._sender is None:
+            return
+        for peer in list(self._owed):
+            try:
+                self._sender.sendto(_RESYNC, peer)
+            except BlockingIOError:
+                continue  # still full: told later
+            except OSError:
+                pass  # gone: nothing to tell
+            self._owed.discard(peer)
 
 
 class PostgresNotices:
@@ -228,24 +263,31 @@ class PostgresNotices:
 
 def announce_to(directory: str, changes: Iterable[tuple[UUID, int]]) -> None:
     """Tell the processes serving in ``directory`` that these operations changed, from a
-    process that does not serve (``tapsign users deactivate``)."""
+    process that does not serve (``tapsign users deactivate``). A receiver too full to
+    take one is told to read everything again, blocking up to a second for it to have room."""
+    owed: set[str] = set()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
         sender.setblocking(False)
         for operation_id, version in changes:
-            _announce(sender, Path(directory), operation_id, version, own=None)
+            owed.update(_announce(sender, Path(directory), operation_id, version, own=None)[1])
+        sender.settimeout(1.0)
+        for peer in owed:
+            with contextlib.suppress(OSError):
+                sender.sendto(_RESYNC, peer)
 
 
 def _announce(
     sender: socket.socket, directory: Path, operation_id: UUID, version: int, *, own: str | None
-) -> tuple[int, int]:
-    """Send the notice to every socket in ``directory`` but ``own``: ``(sent, dropped)``."""
+) -> tuple[int, set[str]]:
+    """Send the notice to every socket in ``directory`` but ``own``: how many took it, and
+    the sockets that could not."""
     notice = _NOTICE.pack(operation_id.bytes, version)
     try:
         peers = [entry.path for entry in os.scandir(directory)]
     except OSError as exc:
         log.warning("cannot list the peers in %s: %s", directory, exc.strerror)
-        return 0, 0
-    sent = dropped = 0
+        return 0, set()
+    sent, dropped = 0, set()
     for peer in peers:
         if not peer.endswith(".sock") or peer == own:
             continue
@@ -253,11 +295,11 @@ def _announce(
             sender.sendto(notice, peer)
             sent += 1
         except BlockingIOError:
-            dropped += 1
+            dropped.add(peer)
         except (ConnectionRefusedError, FileNotFoundError):
             with contextlib.suppress(OSError):
                 os.unlink(peer)  # its process is gone
         except OSError as exc:
-            dropped += 1
+            dropped.add(peer)
             log.warning("cannot notify %s: %s", peer, exc.strerror)
     return sent, dropped

@@ -11,12 +11,13 @@ from uuid import UUID, uuid4
 import pytest
 import trio
 
-from engine.peers import Peers
+from engine.peers import RESYNC_SECONDS, Peers
 from tapsign_sdk.problems import ConfigurationError
 
 
 async def nothing_lost() -> None:
-    """A datagram is dropped by its sender: a receiver is never told it lost one."""
+    """Nothing overflows in these tests but the one that says so."""
+    raise AssertionError("told to resync, but no notice was dropped")
 
 
 async def test_a_notice_reaches_every_other_process_but_not_the_sender(tmp_path: Path) -> None:
@@ -82,3 +83,37 @@ async def test_no_directory_means_alone_and_a_too_long_one_is_refused(tmp_path: 
     assert alone.statistics().sent == 0
     with pytest.raises(ConfigurationError, match="too long for a Unix socket path"):
         await Peers(str(tmp_path / ("x" * 120))).run(lambda *_: None, nothing_lost)
+
+
+async def test_a_receiver_that_missed_notices_is_told_to_read_everything_again(
+    tmp_path: Path,
+) -> None:
+    """A full receiver drops notices; its sender tells it so once it has room, and the
+    receiver reads every operation it holds again (``on_lost``), exactly once."""
+    directory = tmp_path / "peers"
+    heard: list[tuple[UUID, int]] = []
+    resyncs: list[int] = []
+    told = trio.Event()
+
+    async def lost() -> None:
+        resyncs.append(len(heard))
+        told.set()
+
+    receiver, sender = Peers(str(directory)), Peers(str(directory))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(receiver.run, lambda *notice: heard.append(notice), lost)
+        await nursery.start(sender.run, lambda *_: None, nothing_lost)
+        announced = 0
+        while sender.statistics().dropped == 0:  # no checkpoint: the receiver cannot read
+            announced += 1
+            sender.announce(uuid4(), announced)
+            assert announced < 100_000, "the receiver's buffer never filled"
+        with trio.fail_after(10):
+            await told.wait()
+        await trio.sleep(2 * RESYNC_SECONDS)  # owed once, told once
+        nursery.cancel_scope.cancel()
+    dropped = sender.statistics().dropped
+    assert dropped >= 1
+    assert len(heard) == announced - dropped  # the rest was dropped, not garbled
+    assert resyncs == [len(heard)]  # after what it did take: datagrams keep their order
+    assert receiver.statistics().resynced == 1
