@@ -99,7 +99,7 @@ from engine.peers import Notices
 from engine.recent import Recent
 from engine.replay import Nonce, spend
 from engine.settings import OperationSettings
-from engine.statements import OutboxItem
+from engine.statements import Lease, OutboxItem
 from engine.tokens import STATUS_GRACE, TokenKind, token_claims
 from hsm import ecdsa
 from hsm.keyring import Keyring
@@ -125,9 +125,8 @@ class CallbackQueue(Protocol):
     def enqueue(self, items: Sequence[OutboxItem]) -> None:
         """Deliver these committed outbox rows (engine/callbacks.py)."""
 
-    @property
-    def lease(self) -> timedelta:
-        """How long the rows this process writes are held by it, unrenewed."""
+    def lease(self, now: datetime) -> Lease:
+        """This process's lease, from ``now``, on the rows it writes (engine/callbacks.py)."""
 
 
 class Units(Protocol):
@@ -425,7 +424,7 @@ class OperationActor:
                 after,
                 before=before,
                 judged=judged,
-                lease_until=after.updated_at + self.context.callbacks.lease,
+                lease=self.context.callbacks.lease(after.updated_at),
                 origin=self.context.peers.origin,
             )
             if items is not None and nonce is not None:
@@ -591,7 +590,7 @@ def _store_decided(
     after: Operation,
     *,
     before: Operation,
-    lease_until: datetime | None,
+    lease: Lease | None,
     origin: str,
     judged: Facts | None = None,
 ) -> list[OutboxItem] | None:
@@ -646,11 +645,11 @@ def _store_decided(
         raise _Stale(None)
     now = after.updated_at
     items = [
-        outbox_row(connection, after, now, event=event, body=body, lease_until=lease_until)
+        outbox_row(connection, after, now, event=event, body=body, lease=lease)
         for event, body in decided.callbacks
     ]
     if Effect.CALLBACK in decided.transition.effects and after.callback_url:
-        items.append(_operation_callback(connection, after, now, lease_until=lease_until))
+        items.append(_operation_callback(connection, after, now, lease=lease))
     return items
 
 
@@ -661,7 +660,7 @@ def _end_each(
     *,
     actor: str,
     now: datetime,
-    lease_until: datetime | None,
+    lease: Lease | None,
     origin: str,
 ) -> list[tuple[Operation, list[OutboxItem]]]:
     """End each of ``pending`` with ``event`` in the caller's transaction, unless another
@@ -676,7 +675,7 @@ def _end_each(
             decided,
             decided.operation,
             before=before,
-            lease_until=lease_until,
+            lease=lease,
             origin=origin,
         )
         if items is not None:
@@ -690,7 +689,7 @@ def cancel_pending_of_user(
     *,
     now: datetime,
     actor: str,
-    lease_until: datetime | None,
+    lease: Lease | None,
     origin: str,
 ) -> list[tuple[Operation, list[OutboxItem]]]:
     """Cancel every operation ``user_id`` has pending, in the caller's transaction: a user
@@ -701,13 +700,13 @@ def cancel_pending_of_user(
         Cancel(),
         actor=actor,
         now=now,
-        lease_until=lease_until,
+        lease=lease,
         origin=origin,
     )
 
 
 def _operation_callback(
-    connection: Connection, operation: Operation, now: datetime, *, lease_until: datetime | None
+    connection: Connection, operation: Operation, now: datetime, *, lease: Lease | None
 ) -> OutboxItem:
     authenticators = (
         sum(
@@ -718,7 +717,7 @@ def _operation_callback(
         else None
     )
     event, body = callback(operation, authenticators=authenticators)
-    return outbox_row(connection, operation, now, event=event, body=body, lease_until=lease_until)
+    return outbox_row(connection, operation, now, event=event, body=body, lease=lease)
 
 
 class StartedOperation(msgspec.Struct, frozen=True, kw_only=True):
@@ -840,7 +839,7 @@ class Supervisor:
         unheld = [operation for operation in overdue if operation.id not in self._actors]
         if not unheld:
             return
-        lease_until = now + self.context.callbacks.lease
+        lease = self.context.callbacks.lease(now)
         origin = self.context.peers.origin
         expired = await self.context.store.write(
             lambda connection: _end_each(
@@ -849,7 +848,7 @@ class Supervisor:
                 Expire(),
                 actor="system",
                 now=now,
-                lease_until=lease_until,
+                lease=lease,
                 origin=origin,
             )
         )
@@ -1036,7 +1035,7 @@ class Supervisor:
                         operation,
                         notification=request.push_notification,
                         now=now,
-                        lease_until=now + self.context.callbacks.lease,
+                        lease=self.context.callbacks.lease(now),
                     )
                 )
             return operation, facts

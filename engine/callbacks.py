@@ -6,12 +6,15 @@ An operation's state change and its callback's outbox row are written in one tra
 (engine/actors.py), so a callback exists exactly when the change it reports does, and it
 survives a restart.
 
-Each row is delivered by one process, which holds it on a lease (``lease_until``): a process
-writes its own rows leased to itself and delivers them once they are committed; every
-``rescan_seconds`` it renews the leases of the rows it still holds and claims the rows
-nobody holds: those a command wrote (``tapsign users deactivate`` cancelling a user's
-transactions) and those of a process that stopped renewing (it died). A restarted process
-claims its predecessor's rows once their leases have run out, within three rescans.
+Each row is delivered by one process, which holds it on a lease (``leased_by`` names the
+process, ``lease_until`` the end): a process writes its own rows leased to itself and
+delivers them once they are committed; every ``rescan_seconds`` it renews the leases of the
+rows it still holds and claims the rows nobody holds: those a command wrote (``tapsign
+users deactivate`` cancelling a user's transactions) and those of a process that stopped
+renewing (it died, on this host or another). A dead process's rows are taken up once their
+leases have run out (``lease_seconds``, 30 s). A live process whose renewal came too late
+and whose rows another process took over learns it at that renewal and stops sending them;
+only a delivery it had in flight at that moment can arrive twice.
 
 Rows are queued per operation and delivered in order: the next callback of an operation
 waits until the one before it is delivered or given up. Different operations proceed
@@ -55,7 +58,7 @@ from sqlalchemy.engine import Connection
 from engine import statements as db
 from engine.model import Clock, Operation
 from engine.settings import CallbackSettings
-from engine.statements import OutboxItem
+from engine.statements import Lease, OutboxItem
 from engine.store import Store
 from hsm.keyring import KeyPurpose, Keyring
 from tapsign_sdk.payload import b64url
@@ -84,6 +87,7 @@ class CallbackDeliverer:
         keyring: Keyring,
         settings: CallbackSettings,
         *,
+        origin: str,
         clock: Clock,
         client: httpx.AsyncClient | None = None,
     ) -> None:
@@ -94,6 +98,9 @@ class CallbackDeliverer:
         self._client = client
         self._queues: dict[str, deque[OutboxItem]] = {}
         self._queued: set[int] = set()
+        #: Queued rows whose lease another process took over (this one stalled): not sent.
+        self._lost: set[int] = set()
+        self._origin = origin
         self._limiter = trio.CapacityLimiter(settings.concurrency)
         #: Slots per destination; as many as the configuration names destinations.
         self._destinations: dict[str, trio.CapacityLimiter] = {}
@@ -124,23 +131,32 @@ class CallbackDeliverer:
     async def _claim(self) -> None:
         """Renew the leases of the rows held here, and take up those nobody holds."""
         now = self._clock()
-        lease_until = now + self.lease
+        lease = self.lease(now)
         held = sorted(self._queued)
 
-        def claim(connection: Connection) -> list[OutboxItem]:
+        def claim(connection: Connection) -> tuple[set[int], list[OutboxItem]]:
             return db.claim_undelivered(
-                connection, now=now, lease_until=lease_until, held=held, limit=CLAIM_LIMIT
+                connection, now=now, lease=lease, held=held, limit=CLAIM_LIMIT
             )
 
         try:
-            self.enqueue(await self._store.write(claim))
+            kept, claimed = await self._store.write(claim)
         except ServiceUnavailable as exc:  # the database is away: the next rescan tries again
             log.warning("cannot claim callbacks: %s", exc)
+            return
+        taken = {item.id for item in claimed}  # lost, then free again and claimed here
+        lost = self._queued.intersection(held).difference(kept, taken)
+        if lost:
+            log.warning("%d callbacks were taken over by another process: not sent here", len(lost))
+        self._lost = (self._lost | lost) - taken
+        self.enqueue(claimed)
 
-    @property
-    def lease(self) -> timedelta:
-        """How long a row stays with the process that claimed or wrote it, unrenewed."""
-        return lease_of(self._settings)
+    def lease(self, now: datetime) -> Lease:
+        """This process's hold, from ``now``, on the rows it writes or claims: no other
+        process sends them until it runs out unrenewed."""
+        return Lease(
+            holder=self._origin, until=now + timedelta(seconds=self._settings.lease_seconds)
+        )
 
     def enqueue(self, items: Sequence[OutboxItem]) -> None:
         for item in items:
@@ -170,7 +186,9 @@ class CallbackDeliverer:
         try:
             while queue:
                 await self._deliver(queue[0])
-                self._queued.discard(queue.popleft().id)
+                done = queue.popleft().id
+                self._queued.discard(done)
+                self._lost.discard(done)
         finally:
             if not queue:
                 del self._queues[key]
@@ -179,6 +197,8 @@ class CallbackDeliverer:
         next_attempt_at, attempts = item.next_attempt_at, item.attempts
         while True:
             await trio.sleep(max((next_attempt_at - self._clock()).total_seconds(), 0.0))
+            if item.id in self._lost:
+                return  # another process holds it now and sends it
             try:
                 destination = _origin(_split(item.url))
             except InvalidInput:
@@ -277,11 +297,6 @@ class CallbackDeliverer:
         return f"HTTP {response.status_code}"
 
 
-def lease_of(settings: CallbackSettings) -> timedelta:
-    """How long an outbox row stays with its holder without a renewal: three rescans."""
-    return timedelta(seconds=3 * settings.rescan_seconds)
-
-
 def outbox_row(
     connection: Connection,
     operation: Operation,
@@ -289,10 +304,10 @@ def outbox_row(
     *,
     event: str,
     body: dict[str, Any],
-    lease_until: datetime | None,
+    lease: Lease | None,
 ) -> OutboxItem:
     """Write a callback about ``operation`` into the outbox, in the caller's transaction,
-    held by the writing process until ``lease_until`` (None: for whichever claims it)."""
+    held by the writing process under ``lease`` (None: for whichever claims it)."""
     if operation.callback_url is None:  # pragma: no cover - callers check
         raise InvalidInput("no callback URL", field="callbackUrl")
     document = msgspec.json.encode(
@@ -310,7 +325,7 @@ def outbox_row(
         url=operation.callback_url,
         body=document,
         now=now,
-        lease_until=lease_until,
+        lease=lease,
     )
     return OutboxItem(
         id=outbox_id,

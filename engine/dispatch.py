@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from engine.callbacks import outbox_row
 from engine.model import Operation
-from engine.statements import OutboxItem
+from engine.statements import Lease, OutboxItem
 
 
 class Dispatcher(Protocol):
@@ -28,7 +28,7 @@ class Dispatcher(Protocol):
         *,
         notification: str,
         now: datetime,
-        lease_until: datetime,
+        lease: Lease,
     ) -> list[OutboxItem]:
         """Arrange the notification in the operation's creating transaction; the outbox rows
         returned are delivered once it commits."""
@@ -43,7 +43,7 @@ class WebhookDispatcher:
         *,
         notification: str,
         now: datetime,
-        lease_until: datetime,
+        lease: Lease,
     ) -> list[OutboxItem]:
         return [
             outbox_row(
@@ -57,6 +57,6 @@ class WebhookDispatcher:
                     "kind": operation.kind.value,
                     "notificationMessage": notification,
                 },
-                lease_until=lease_until,
+                lease=lease,
             )
         ]

@@ -112,8 +112,10 @@ outbox = sa.Table(
     sa.Column("delivered_at", Time),
     sa.Column("failed_at", Time),
     sa.Column("last_error", sa.String(300)),
-    #: The process delivering the callback holds it until then (engine/callbacks.py).
+    #: The process delivering the callback (its name in notices) holds it until then
+    #: (engine/callbacks.py).
     sa.Column("lease_until", Time),
+    sa.Column("leased_by", sa.String(16)),
     sa.Index("ix_outbox_delivered_at_failed_at", "delivered_at", "failed_at"),
 )
 

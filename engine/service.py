@@ -11,7 +11,8 @@ announce changed operations (engine/peers.py). The API holds an ``Engine`` and t
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime
 from uuid import UUID
 
 import httpx
@@ -29,7 +30,7 @@ from engine.identity import Identity, delete_user, set_user_status
 from engine.model import Clock, Operation, User, UserStatus, utc_now
 from engine.peers import Notices, Peers, PostgresNotices
 from engine.settings import EngineSettings
-from engine.statements import OutboxItem
+from engine.statements import Lease, OutboxItem
 from engine.store import Store
 from hsm.errors import HsmError
 from hsm.keyring import KeyPurpose, Keyring
@@ -58,14 +59,19 @@ class Engine:
         self.identity = Identity(
             self.store, clock=clock, changed=lambda record: self.supervisor.facts_changed(record)
         )
-        self.callbacks = CallbackDeliverer(
-            self.store, keyring, settings.callbacks, clock=clock, client=http_client
-        )
         # Every process of every host on PostgreSQL; the processes of this host on SQLite.
         self.peers: Notices = (
             PostgresNotices(settings.database.url)
             if sa.make_url(settings.database.url).get_backend_name() == "postgresql"
             else Peers(settings.peers_dir)
+        )
+        self.callbacks = CallbackDeliverer(
+            self.store,
+            keyring,
+            settings.callbacks,
+            origin=self.peers.origin,
+            clock=clock,
+            client=http_client,
         )
         self.supervisor = Supervisor(
             Context(
@@ -157,19 +163,19 @@ async def end_user(
     delete: bool,
     actor: str,
     clock: Clock,
-    lease: timedelta | None,
+    lease: Callable[[datetime], Lease] | None,
     origin: str = "",
 ) -> tuple[User | None, list[tuple[Operation, list[OutboxItem]]]]:
     """Deactivate (final) or delete a user, and cancel in the same transaction every
     operation the user had pending, with its callbacks: nothing started before can still be
     approved, whoever ends the user (the API, or ``tapsign users`` while a server runs).
-    ``lease``: how long the caller's process holds the callbacks it will deliver; None for
+    ``lease``: the caller's process's lease from a moment on the callbacks it will deliver; None for
     a command, whose callbacks a running server takes up (engine/callbacks.py). ``origin``:
     the calling process's name in notices (engine/peers.py; a command has none). Returns the
     deactivated user (None when deleted) and the cancelled operations with their callbacks;
     the caller tells the actors (:meth:`Supervisor.changed_here` or engine/peers.py)."""
     now = clock()
-    lease_until = None if lease is None else now + lease
+    held = None if lease is None else lease(now)
 
     def end(connection: Connection) -> tuple[User | None, list[tuple[Operation, list[OutboxItem]]]]:
         user = None
@@ -180,7 +186,7 @@ async def end_user(
                 connection, user_id, UserStatus.DEACTIVATED, now=now, actor=actor
             )
         cancelled = cancel_pending_of_user(
-            connection, user_id, now=now, actor=actor, lease_until=lease_until, origin=origin
+            connection, user_id, now=now, actor=actor, lease=held, origin=origin
         )
         return user, cancelled
 

@@ -62,9 +62,13 @@ class CallbackSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     #: A delivery still failing after this long is given up (kept, marked failed).
     give_up_seconds: Annotated[float, msgspec.Meta(gt=0)] = 86_400.0
     #: How often a process renews its leases on the callbacks it delivers and takes up those
-    #: nobody holds (a command's, a dead process's; engine/callbacks.py). A lease lasts
-    #: three of these.
+    #: nobody holds (a command's, a dead process's; engine/callbacks.py).
     rescan_seconds: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 5.0
+    #: How long a lease lasts unrenewed: the callbacks of a process that died are sent by
+    #: another this long after its last renewal. Longer than the rescans, with a margin for
+    #: a busy database: a live process whose renewal comes too late loses its rows, and a
+    #: callback it was sending at that moment may arrive twice.
+    lease_seconds: Annotated[float, msgspec.Meta(ge=0.5, le=3600)] = 30.0
 
 
 class AttestationSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

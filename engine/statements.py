@@ -262,6 +262,14 @@ class OutboxItem(msgspec.Struct, frozen=True, kw_only=True):
     next_attempt_at: datetime
 
 
+class Lease(msgspec.Struct, frozen=True):
+    """An outbox row is delivered by ``holder`` (a process's name in notices) alone until
+    ``until`` unless renewed (engine/callbacks.py)."""
+
+    holder: str
+    until: datetime
+
+
 def insert_outbox(
     connection: Connection,
     *,
@@ -270,7 +278,7 @@ def insert_outbox(
     url: str,
     body: bytes,
     now: datetime,
-    lease_until: datetime | None,
+    lease: Lease | None,
 ) -> int:
     result = connection.execute(
         outbox.insert().values(
@@ -281,7 +289,8 @@ def insert_outbox(
             created_at=now,
             attempts=0,
             next_attempt_at=now,
-            lease_until=lease_until,
+            lease_until=None if lease is None else lease.until,
+            leased_by=None if lease is None else lease.holder,
         )
     )
     key = result.inserted_primary_key
@@ -297,21 +306,26 @@ def claim_undelivered(
     connection: Connection,
     *,
     now: datetime,
-    lease_until: datetime,
+    lease: Lease,
     held: Sequence[int],
     limit: int,
-) -> list[OutboxItem]:
-    """In a write transaction: extend the lease of the callbacks this process ``held``, and
-    claim (lease until ``lease_until``) at most ``limit`` others that nobody holds (never
-    leased, as those a command wrote, or whose holder stopped renewing), oldest first.
+) -> tuple[set[int], list[OutboxItem]]:
+    """In a write transaction: extend ``lease`` over the callbacks its holder ``held`` and
+    still holds, and give it at most ``limit`` others that nobody holds (never leased, as
+    those a command wrote, or whose holder stopped renewing), oldest first. Returns the ids
+    of ``held`` that are still the holder's (undelivered, not taken over) and the new rows.
 
     Writers take turns (the audit head is locked first), so no two processes claim a row;
     PostgreSQL's ``SKIP LOCKED`` keeps a claim from waiting on a row being delivered."""
+    kept: set[int] = set()
     if held:
-        connection.execute(
-            outbox.update()
-            .where(outbox.c.id.in_(held), *_UNFINISHED)
-            .values(lease_until=lease_until)
+        kept = set(
+            connection.execute(
+                outbox.update()
+                .where(outbox.c.id.in_(held), outbox.c.leased_by == lease.holder, *_UNFINISHED)
+                .values(lease_until=lease.until)
+                .returning(outbox.c.id)
+            ).scalars()
         )
     free = (
         sa.select(outbox.c.id)
@@ -323,10 +337,14 @@ def claim_undelivered(
         free = free.with_for_update(skip_locked=True)
     ids = list(connection.execute(free).scalars())
     if not ids:
-        return []
-    connection.execute(outbox.update().where(outbox.c.id.in_(ids)).values(lease_until=lease_until))
+        return kept, []
+    connection.execute(
+        outbox.update()
+        .where(outbox.c.id.in_(ids))
+        .values(lease_until=lease.until, leased_by=lease.holder)
+    )
     rows = connection.execute(outbox.select().where(outbox.c.id.in_(ids)).order_by(outbox.c.id))
-    return [
+    return kept, [
         OutboxItem(
             id=row.id,
             operation_id=row.operation_id,

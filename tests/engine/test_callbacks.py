@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from uuid import UUID
 
 import jwt
@@ -333,7 +334,7 @@ async def test_undelivered_callbacks_survive_a_restart(
     receiver.status = lambda path: 500
     # Short leases: the restarted process takes the rows up once its predecessor's run out.
     settings = CallbackSettings(
-        first_retry_seconds=3600, rescan_seconds=0.2, allow_private_networks=True
+        first_retry_seconds=3600, rescan_seconds=0.2, lease_seconds=0.6, allow_private_networks=True
     )
     async with engine_factory(settings) as first:
         _, user_id = await enrol(first)
@@ -376,6 +377,46 @@ async def test_each_callback_goes_out_once_from_one_of_several_processes(
         assert (await second.supervisor.get(commanded)).phase is Phase.CANCELLED
         queued = {engine: engine.callbacks.statistics().queued for engine in (first, second)}
         assert queued == {first: 1, second: 0}  # the failing one stays with its writer
+
+
+async def test_a_process_whose_lease_was_taken_over_stops_sending(
+    engine_factory: EngineFactory, receiver: Receiver
+) -> None:
+    """A process that renewed too late (its lease ran out and another process holds the
+    row now) learns it at its next renewal and sends that callback no more; once that
+    other lease runs out, one of the two sends it, once."""
+    settings = CallbackSettings(
+        first_retry_seconds=0.2,
+        max_retry_seconds=0.2,
+        rescan_seconds=0.1,
+        allow_private_networks=True,
+    )
+    async with engine_factory(settings) as first, engine_factory(settings) as second:
+        _, user_id = await enrol(first)
+        receiver.status = lambda path: 500
+        operation_id = await start(first, user_id, receiver.url())
+        await first.supervisor.cancel(operation_id)
+        await until(receiver, 2)  # first is retrying
+
+        def lease_to_another(until: timedelta) -> None:
+            with first.store.engine.begin() as connection:
+                connection.execute(
+                    outbox.update().values(leased_by="another", lease_until=utc_now() + until)
+                )
+
+        lease_to_another(timedelta(days=1))
+        await eventually(lambda: first.callbacks.statistics().queued == 0, limit=10)
+        tries = len(receiver.received)
+        receiver.status = lambda path: 200
+        await trio.sleep(1)  # ten renewals of each, five retries
+        assert len(receiver.received) == tries  # the other holds it: neither sends it
+        lease_to_another(timedelta(days=-1))  # that holder died
+        await until(receiver, tries + 1)
+        await trio.sleep(1)
+        assert len(receiver.received) == tries + 1
+        (row,) = outbox_rows(second)
+        assert row.delivered_at is not None
+        assert first.callbacks.statistics().queued + second.callbacks.statistics().queued == 0
 
 
 async def test_the_webhook_dispatcher_asks_the_relying_party_to_push(

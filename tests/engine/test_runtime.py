@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 from uuid import UUID
@@ -23,7 +23,7 @@ from engine.dispatch import WebhookDispatcher
 from engine.model import AnswerResult, OperationRequest, Payee, Payment, Phase
 from engine.peers import Peers
 from engine.settings import AttestationSettings, DatabaseSettings, OperationSettings
-from engine.statements import OutboxItem
+from engine.statements import Lease, OutboxItem
 from engine.store import Store
 from hsm.keyring import KeyPurpose, Keyring
 from hsm.tokens import TokenSigner
@@ -82,9 +82,8 @@ class RecordedCallbacks:
     def enqueue(self, items: Sequence[OutboxItem]) -> None:
         self.items.extend(items)
 
-    @property
-    def lease(self) -> timedelta:
-        return timedelta(seconds=30)
+    def lease(self, now: datetime) -> Lease:
+        return Lease(holder="runtime", until=now + timedelta(seconds=30))
 
 
 class Runtime:

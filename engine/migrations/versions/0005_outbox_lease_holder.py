@@ -1,0 +1,25 @@
+"""The holder of an outbox row's lease, so that a process whose lease was taken over (it
+renewed too late) learns it and stops sending those callbacks.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-03
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("outbox", sa.Column("leased_by", sa.String(16)))
+
+
+def downgrade() -> None:
+    op.drop_column("outbox", "leased_by")
