@@ -644,13 +644,13 @@ def _store_decided(
     ):
         raise _Stale(None)
     now = after.updated_at
-    items = [
+    written = [
         outbox_row(connection, after, now, event=event, body=body, lease=lease)
         for event, body in decided.callbacks
     ]
     if Effect.CALLBACK in decided.transition.effects and after.callback_url:
-        items.append(_operation_callback(connection, after, now, lease=lease))
-    return items
+        written.append(_operation_callback(connection, after, now, lease=lease))
+    return [item for item in written if item is not None]
 
 
 def _end_each(
@@ -707,7 +707,7 @@ def cancel_pending_of_user(
 
 def _operation_callback(
     connection: Connection, operation: Operation, now: datetime, *, lease: Lease | None
-) -> OutboxItem:
+) -> OutboxItem | None:
     authenticators = (
         sum(
             device.status is not DeviceStatus.DEACTIVATED

@@ -305,9 +305,11 @@ def outbox_row(
     event: str,
     body: dict[str, Any],
     lease: Lease | None,
-) -> OutboxItem:
+) -> OutboxItem | None:
     """Write a callback about ``operation`` into the outbox, in the caller's transaction,
-    held by the writing process under ``lease`` (None: for whichever claims it)."""
+    held by the writing process under ``lease`` (None: for whichever claims it). Returns
+    it to be queued once committed, or None if it is to be claimed: the writer holds no
+    lease on it (None given, or an earlier callback of the operation is another's)."""
     if operation.callback_url is None:  # pragma: no cover - callers check
         raise InvalidInput("no callback URL", field="callbackUrl")
     document = msgspec.json.encode(
@@ -318,7 +320,7 @@ def outbox_row(
             **body,
         }
     )
-    outbox_id = db.insert_outbox(
+    outbox_id, held = db.insert_outbox(
         connection,
         operation_id=operation.id,
         event=event,
@@ -327,6 +329,8 @@ def outbox_row(
         now=now,
         lease=lease,
     )
+    if held is None:
+        return None
     return OutboxItem(
         id=outbox_id,
         operation_id=operation.id,

@@ -45,18 +45,17 @@ class WebhookDispatcher:
         now: datetime,
         lease: Lease,
     ) -> list[OutboxItem]:
-        return [
-            outbox_row(
-                connection,
-                operation,
-                now,
-                event="push.created",
-                body={
-                    "userId": str(operation.user_id),
-                    "authenticatorId": str(operation.device_id),
-                    "kind": operation.kind.value,
-                    "notificationMessage": notification,
-                },
-                lease=lease,
-            )
-        ]
+        pushed = outbox_row(
+            connection,
+            operation,
+            now,
+            event="push.created",
+            body={
+                "userId": str(operation.user_id),
+                "authenticatorId": str(operation.device_id),
+                "kind": operation.kind.value,
+                "notificationMessage": notification,
+            },
+            lease=lease,
+        )
+        return [] if pushed is None else [pushed]

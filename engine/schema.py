@@ -117,6 +117,13 @@ outbox = sa.Table(
     sa.Column("lease_until", Time),
     sa.Column("leased_by", sa.String(16)),
     sa.Index("ix_outbox_delivered_at_failed_at", "delivered_at", "failed_at"),
+    # An operation's unfinished callbacks (they go out in order: engine/statements.py).
+    sa.Index(
+        "ix_outbox_unfinished_operation",
+        "operation_id",
+        postgresql_where=sa.text("delivered_at IS NULL AND failed_at IS NULL"),
+        sqlite_where=sa.text("delivered_at IS NULL AND failed_at IS NULL"),
+    ),
 )
 
 audit_log = sa.Table(

@@ -279,7 +279,10 @@ def insert_outbox(
     body: bytes,
     now: datetime,
     lease: Lease | None,
-) -> int:
+) -> tuple[int, Lease | None]:
+    """Write a callback, held under ``lease`` if it is the writer's turn to send the
+    operation's callbacks (:func:`_in_turn`); returns its id and the lease it got."""
+    lease = _in_turn(connection, operation_id, lease)
     result = connection.execute(
         outbox.insert().values(
             operation_id=operation_id,
@@ -296,10 +299,31 @@ def insert_outbox(
     key = result.inserted_primary_key
     if key is None:  # pragma: no cover - every supported database returns the new id
         raise RuntimeError("the database did not return the new outbox id")
-    return int(key[0])
+    return int(key[0]), lease
 
 
 _UNFINISHED = (outbox.c.delivered_at.is_(None), outbox.c.failed_at.is_(None))
+
+
+def _in_turn(
+    connection: Connection, operation_id: UUID | None, lease: Lease | None
+) -> Lease | None:
+    """``lease``, unless an unfinished callback of the operation is held by another process
+    or by none (a relying party's callbacks of one transaction arrive in order, and one
+    process queues them): then None, and the row waits unheld until the earlier ones are
+    sent or given up, to be claimed (:func:`claim_undelivered`)."""
+    if lease is None or operation_id is None:
+        return lease
+    elsewhere = connection.execute(
+        sa.select(outbox.c.id)
+        .where(
+            outbox.c.operation_id == operation_id,
+            *_UNFINISHED,
+            sa.or_(outbox.c.leased_by.is_(None), outbox.c.leased_by != lease.holder),
+        )
+        .limit(1)
+    ).first()
+    return lease if elsewhere is None else None
 
 
 def claim_undelivered(
@@ -327,9 +351,19 @@ def claim_undelivered(
                 .returning(outbox.c.id)
             ).scalars()
         )
+    earlier = outbox.alias("earlier")
     free = (
         sa.select(outbox.c.id)
-        .where(*_UNFINISHED, sa.or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now))
+        .where(
+            *_UNFINISHED,
+            sa.or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
+            ~sa.exists().where(  # the operation's earlier callbacks go first
+                earlier.c.operation_id == outbox.c.operation_id,
+                earlier.c.id < outbox.c.id,
+                earlier.c.delivered_at.is_(None),
+                earlier.c.failed_at.is_(None),
+            ),
+        )
         .order_by(outbox.c.id)
         .limit(limit)
     )

@@ -419,6 +419,41 @@ async def test_a_process_whose_lease_was_taken_over_stops_sending(
         assert first.callbacks.statistics().queued + second.callbacks.statistics().queued == 0
 
 
+async def test_a_transactions_callbacks_arrive_in_order_whichever_process_wrote_them(
+    engine_factory: EngineFactory, receiver: Receiver
+) -> None:
+    """The push of a transaction started by one process is still being retried when
+    another process cancels it: the cancellation's callback waits, unheld, until the push
+    is through, and is then claimed and sent (by either)."""
+    settings = CallbackSettings(
+        first_retry_seconds=0.2,
+        max_retry_seconds=0.2,
+        rescan_seconds=0.1,
+        allow_private_networks=True,
+    )
+    async with engine_factory(settings) as first, engine_factory(settings) as second:
+        _, user_id = await enrol(first)
+        receiver.status = lambda path: 500
+        started = await first.supervisor.start(
+            OperationRequest(
+                kind=OperationKind.AUTHENTICATION,
+                user_id=user_id,
+                callback_url=receiver.url(),
+                push_notification="Approve your login",
+            ),
+            actor="test",
+        )
+        await until(receiver, 2)  # first is retrying the push
+        await second.supervisor.cancel(started.operation.id)
+        await trio.sleep(1)  # ten rescans: nobody sends the cancellation before the push
+        assert {r.headers["tapsign-event"] for r in receiver.received} == {"push.created"}
+        receiver.status = lambda path: 200
+        await eventually(lambda: all(row.delivered_at for row in outbox_rows(first)), limit=10)
+    delivered_events = [r.headers["tapsign-event"] for r in receiver.received]
+    assert delivered_events[-2:] == ["push.created", "transaction.cancelled"]
+    assert delivered_events.count("transaction.cancelled") == 1
+
+
 async def test_the_webhook_dispatcher_asks_the_relying_party_to_push(
     engine: Engine, receiver: Receiver
 ) -> None:

@@ -22,7 +22,7 @@ def test_migrate_is_idempotent(store: Store) -> None:
     with store.engine.connect() as connection:
         version = connection.execute(sa.text("select version_num from alembic_version")).scalar()
         head = connection.execute(sa.text("select seq from audit_head")).scalar()
-    assert version == "0004"
+    assert version == "0005"
     assert head == 0
 
 
