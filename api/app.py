@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import signal
+import time
 from uuid import uuid4
 
 import trio
@@ -20,6 +21,8 @@ from werkzeug.exceptions import HTTPException
 
 from api import authenticators, device, introspection, meta, operations, users
 from api.exchange import CompleteExchanges
+from api.exposition import PUBLISH_SECONDS
+from api.metrics import families
 from api.routing import (
     Services,
     problem_response,
@@ -74,15 +77,22 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
             os.kill(os.getpid(), signal.SIGTERM)
             raise
 
+    async def publish_metrics() -> None:
+        while True:
+            services.board.publish(families(services))
+            await trio.sleep(PUBLISH_SECONDS)
+
     @app.before_serving
     async def start_engine() -> None:
         await app.nursery.start(run_engine)
+        app.nursery.start_soon(publish_metrics)
 
     @app.after_serving
     async def stop_engine() -> None:
         """Requests are served by now: stop the engine at once rather than at the end of
         Quart's grace for background tasks (five seconds)."""
         engine_scope.cancel()
+        services.board.withdraw()
 
     @app.before_request
     async def name_the_request() -> None:
@@ -90,12 +100,18 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
         one, else a new one. It goes back in the response and into the log lines and audit
         entries of refusals, so that a complaint can be matched to what tapsign recorded
         (checklist item 15)."""
+        g.started = time.perf_counter()
         supplied = request.headers.get(REQUEST_ID, "")
         g.request_id = supplied if _REQUEST_ID.match(supplied) else uuid4().hex
 
     @app.after_request
     async def return_the_request_id(response: Response) -> Response:
         response.headers[REQUEST_ID] = g.get("request_id", "")
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        services.requests.observe(
+            f'method="{request.method}",route="{rule}"',
+            time.perf_counter() - g.get("started", time.perf_counter()),
+        )
         return response
 
     @app.errorhandler(TapsignError)

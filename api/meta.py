@@ -8,6 +8,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import os
 from typing import Any
 
 import msgspec
@@ -15,7 +16,8 @@ import sqlalchemy as sa
 import trio
 from quart import Quart, Response, request
 
-from api.metrics import metrics_text
+from api.exposition import exposition
+from api.metrics import families
 from api.openapi import api_page, openapi_document
 from api.routing import Auth, Call, Services, route, routes_of
 from hsm.keyring import KeyPurpose
@@ -119,7 +121,7 @@ def register(app: Quart, services: Services) -> None:
         ):
             raise Unauthorized("no or a wrong metrics token")
         return Response(
-            metrics_text(services),
+            exposition({os.getpid(): families(services), **services.board.others()}),
             content_type="text/plain; version=0.0.4; charset=utf-8",
         )
 

@@ -1,12 +1,15 @@
 """``/metrics``: the statistics of the requests, the verifier, the actors, the callbacks and
-the database pool, in the Prometheus text exposition format (version 0.0.4)."""
+the database pool of this worker process, as metric families (api/exposition.py renders
+them with the other workers' of this host)."""
 
 from __future__ import annotations
 
+from api.exposition import Family, Sample
 from api.routing import Services
+from engine.histogram import BATCH_SIZES, Histogram, Histograms
 
 
-def metrics_text(services: Services) -> str:
+def families(services: Services) -> list[Family]:
     engine = services.engine
     admission = services.admission
     verifier = engine.verifier.statistics()
@@ -85,14 +88,6 @@ def metrics_text(services: Services) -> str:
             "counter",
             "Batches verified",
             verifier.batches,
-            backend,
-        ),
-        ("tapsign_verifier_mean_batch", "gauge", "Mean batch size", verifier.mean_batch, backend),
-        (
-            "tapsign_verifier_largest_batch",
-            "gauge",
-            "Largest batch",
-            verifier.largest_batch,
             backend,
         ),
         (
@@ -271,12 +266,43 @@ def metrics_text(services: Services) -> str:
             "",
         ),
     ]
-    lines: list[str] = []
-    previous = ""
+    found: dict[str, Family] = {}
     for name, kind, description, value, labels in rows:
-        if name != previous:  # one HELP and TYPE per metric, its labelled series below
-            lines.append(f"# HELP {name} {description}")
-            lines.append(f"# TYPE {name} {kind}")
-            previous = name
-        lines.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
-    return "\n".join(lines) + "\n"
+        family = found.setdefault(name, Family(name, kind, description, []))
+        family.samples.append(Sample(name, labels, float(value)))
+    batches = Histograms(BATCH_SIZES)
+    for size, count in verifier.batch_sizes.items():
+        batches.observe(backend, size, count)
+    return [
+        *found.values(),
+        _histogram(
+            "tapsign_request_duration_seconds",
+            "Seconds from a request's arrival to its response, per route (long-polls wait)",
+            services.requests,
+        ),
+        _histogram(
+            "tapsign_transaction_duration_seconds",
+            "Seconds from start to end of the transactions this process ended, per kind",
+            engine.supervisor.context.durations,
+        ),
+        _histogram("tapsign_verifier_batch_size", "Signatures per verifier batch", batches),
+    ]
+
+
+def _histogram(name: str, description: str, histograms: Histograms) -> Family:
+    samples: list[Sample] = []
+    for labels, histogram in sorted(histograms.by_label.items()):
+        samples.extend(_series(name, labels, histogram))
+    return Family(name, "histogram", description, samples)
+
+
+def _series(name: str, labels: str, histogram: Histogram) -> list[Sample]:
+    prefix = f"{labels}," if labels else ""
+    return [
+        *(
+            Sample(f"{name}_bucket", f'{prefix}le="{bound}"', float(count))
+            for bound, count in histogram.buckets()
+        ),
+        Sample(f"{name}_sum", labels, histogram.sum),
+        Sample(f"{name}_count", labels, float(histogram.count)),
+    ]

@@ -24,9 +24,11 @@ from sqlalchemy.engine import Connection
 from api.access import AccessKeys
 from api.admission import Admission, LongPolls
 from api.device_auth import DeviceRequests
+from api.exposition import Board
 from api.ratelimit import RateLimit
 from api.tokens import Tokens
 from engine import statements as db
+from engine.histogram import REQUEST_SECONDS, Histograms
 from engine.model import Clock, Device
 from engine.replay import Nonce
 from engine.service import Engine
@@ -71,6 +73,10 @@ class Services:
     device_limit: RateLimit[UUID]
     base_url: str
     clock: Clock
+    #: Where this host's workers publish their metrics (api/exposition.py).
+    board: Board = field(default_factory=lambda: Board(None))
+    #: Seconds per request, per method and route.
+    requests: Histograms = field(default_factory=lambda: Histograms(REQUEST_SECONDS))
 
 
 @dataclass

@@ -23,6 +23,7 @@ from api.access import AccessKeys
 from api.admission import Admission, LongPolls
 from api.app import ENGINE_FAILED, create_app
 from api.device_auth import DeviceRequests
+from api.exposition import Board
 from api.ratelimit import RateLimit
 from api.routing import Services
 from api.settings import Settings, read_metrics_token
@@ -96,6 +97,7 @@ def build_app(settings: Settings, environ: Mapping[str, str] = os.environ) -> Qu
         device_limit=RateLimit(limits.device_per_second, limits.device_burst, what="device"),
         base_url=base_url,
         clock=utc_now,
+        board=Board(settings.server.metrics_dir),
     )
     return create_app(services, max_body_bytes=settings.server.max_body_bytes)
 

@@ -56,6 +56,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: Where the worker processes on this host tell each other of changed transactions
     #: (engine/peers.py).
     peers_dir: str = "var/peers"
+    #: Where the worker processes on this host publish their metrics, so that one scrape
+    #: of ``/metrics`` describes them all (api/exposition.py).
+    metrics_dir: str = "var/metrics"
     #: Status long-polls held at once (per process) for one transaction, and from one client
     #: address; beyond either, a long-poll is answered at once with the current status.
     long_polls_per_transaction: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 4

@@ -37,7 +37,7 @@ import math
 import secrets
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 from uuid import UUID, uuid4
@@ -61,6 +61,7 @@ from engine.errors import (
     UserNotActive,
     UserNotFound,
 )
+from engine.histogram import TRANSACTION_SECONDS, Histograms
 from engine.identity import new_user
 from engine.model import (
     AnswerResult,
@@ -163,6 +164,8 @@ class Context:
     peers: Notices
     settings: OperationSettings
     clock: Clock
+    #: Seconds from start to end of the transactions this process ended, per kind.
+    durations: Histograms = field(default_factory=lambda: Histograms(TRANSACTION_SECONDS))
 
 
 class Facts(msgspec.Struct, frozen=True, kw_only=True, weakref=True):
@@ -446,7 +449,7 @@ class OperationActor:
             raise OperationNotPending(f"the transaction is {self.operation.status}")
         after = stored[-1]
         self._changed_to(after)
-        self.context.peers.announce(after.id, after.version)
+        _announce(self.context, after)
         if items:
             self.context.callbacks.enqueue(items)
         return after, released[0] if released else None
@@ -582,6 +585,14 @@ class OperationActor:
         except AttestationRefused as exc:
             return None, str(exc)
         return attested, None
+
+
+def _announce(context: Context, operation: Operation) -> None:
+    """Tell the other processes that this one stored ``operation``; time it if it ended."""
+    context.peers.announce(operation.id, operation.version)
+    if operation.completed_at is not None:
+        seconds = (operation.completed_at - operation.created_at).total_seconds()
+        context.durations.observe(f'kind="{operation.kind.value}"', seconds)
 
 
 def _store_decided(
@@ -1160,7 +1171,7 @@ class Supervisor:
         watch = self._watches.pop(operation.id, None)
         if watch is not None:
             watch.changed.set()
-        self.context.peers.announce(operation.id, operation.version)
+        _announce(self.context, operation)
 
 
 def _resolve_user(connection: Connection, request: OperationRequest, now: datetime) -> User:

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections import deque
+from collections import Counter, deque
 
 import msgspec
 import outcome
@@ -56,6 +56,8 @@ class VerifierStatistics(msgspec.Struct, frozen=True, kw_only=True):
     batches: int
     largest_batch: int
     mean_batch: float
+    #: Batches of each size: ``{signatures: batches}``.
+    batch_sizes: dict[int, int]
     #: Signatures found valid.
     verified: int
     #: Signatures found invalid (wrong, malformed or for another key).
@@ -111,6 +113,7 @@ class BatchVerifier:
         self._batches = 0
         self._batched = 0
         self._largest_batch = 0
+        self._batch_sizes: Counter[int] = Counter()
         self._verified = 0
         self._failed = 0
         self._errors = 0
@@ -202,6 +205,7 @@ class BatchVerifier:
             batches=self._batches,
             largest_batch=self._largest_batch,
             mean_batch=self._batched / self._batches if self._batches else 0.0,
+            batch_sizes=dict(self._batch_sizes),
             verified=self._verified,
             failed=self._failed,
             errors=self._errors,
@@ -233,6 +237,7 @@ class BatchVerifier:
             self._batches += 1
             self._batched += len(batch)
             self._largest_batch = max(self._largest_batch, len(batch))
+            self._batch_sizes[len(batch)] += 1
         return batch
 
     def _complete(

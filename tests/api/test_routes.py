@@ -3,6 +3,7 @@ bad request refused with a problem that says what was wrong."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -177,10 +178,17 @@ async def test_out_of_range_values_name_the_field(
 
 
 async def test_metrics_are_valid_prometheus_exposition(in_process: InProcess) -> None:
-    """Parsed by Prometheus's own client library: every family has its type and help, and
-    the counters a payment moves are there."""
-    await in_process.client.post(
+    """Parsed by Prometheus's own client library: every family has its type and help, every
+    series names its worker, the counters a payment moves are there, and so are the
+    histograms of requests per route, of complete transactions and of verifier batches."""
+    started = await in_process.client.post(
         "/api/v1/approval", json={"username": "alice"}, headers=in_process.headers
+    )
+    transaction = (await started.get_json())["transactionId"]
+    path = "/device/v1/operations"
+    await in_process.client.get(path, headers=in_process.signed("GET", path, b""))
+    await in_process.client.post(
+        f"/api/v1/transactions/{transaction}/cancel", headers=in_process.headers
     )
     response = await in_process.client.get("/metrics")
     assert response.status_code == 200
@@ -188,6 +196,11 @@ async def test_metrics_are_valid_prometheus_exposition(in_process: InProcess) ->
     text = await response.get_data(as_text=True)
     families = {family.name: family for family in text_string_to_metric_families(text)}
     assert all(family.documentation for family in families.values())
+    assert all(
+        sample.labels["worker"] == str(os.getpid())
+        for family in families.values()
+        for sample in family.samples
+    )
     assert families["tapsign_requests_active"].type == "gauge"
     # The client library names a counter's family without its _total suffix.
     written = families["tapsign_database_writes"]
@@ -195,3 +208,21 @@ async def test_metrics_are_valid_prometheus_exposition(in_process: InProcess) ->
     (total,) = [sample.value for sample in written.samples if sample.name.endswith("_total")]
     assert total >= 1
     assert "tapsign_operations_started" in families
+
+    def histogram(name: str, **labels: str) -> list[float]:
+        """The cumulative bucket counts of one series, checked against its count."""
+        family = families[name]
+        assert family.type == "histogram"
+        series = [s for s in family.samples if labels.items() <= s.labels.items()]
+        buckets = [s.value for s in series if s.name.endswith("_bucket")]
+        (count,) = [s.value for s in series if s.name.endswith("_count")]
+        assert buckets == sorted(buckets)
+        assert buckets[-1] == count
+        return buckets
+
+    assert (
+        histogram("tapsign_request_duration_seconds", method="POST", route="/api/v1/approval")[-1]
+        == 1
+    )
+    assert histogram("tapsign_transaction_duration_seconds", kind="authentication")[-1] == 1
+    assert histogram("tapsign_verifier_batch_size")[-1] >= 1

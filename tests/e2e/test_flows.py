@@ -5,13 +5,16 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from contextlib import closing
 from uuid import UUID
 
 import httpx
 import jwt
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from api.exposition import PUBLISH_SECONDS
 from tapsign_sdk.client import ApiError, Client
 from tapsign_sdk.device import Device
 from tapsign_sdk.wire import Introspection, Payee
@@ -249,6 +252,34 @@ def test_long_polls_end_at_once_whichever_worker_process_holds_them(two_workers:
         assert time.monotonic() - began < 29
     sockets = list((two_workers.directory / "var" / "peers").iterdir())
     assert len(sockets) == 2  # one per worker process
+
+
+def test_one_scrape_of_metrics_describes_every_worker_process(two_workers: Server) -> None:
+    """Whichever worker answers the scrape, it lists both workers' series; summed over
+    them, a counter is the same from scrape to scrape (it used to be one worker's)."""
+    with (
+        Client(two_workers.url, two_workers.access_key) as client,
+        closing(Device(two_workers.url)) as phone,
+    ):
+        username = enrolled(client, phone)
+        client.cancel(client.approve(username=username).transaction_id)
+
+    def scrape() -> tuple[frozenset[str], float]:
+        text = httpx.get(f"{two_workers.url}/metrics").text  # a fresh connection each time
+        workers, started = set(), 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                workers.add(sample.labels["worker"])
+                if sample.name == "tapsign_operations_started_total":
+                    started += sample.value
+        return frozenset(workers), started
+
+    time.sleep(2 * PUBLISH_SECONDS)  # both have published since
+    scrapes = {scrape() for _ in range(8)}
+    assert len(scrapes) == 1  # the same workers and the same sum, whoever answered
+    ((workers, started),) = scrapes
+    assert len(workers) == 2
+    assert started >= 2
 
 
 def test_channels_push_by_default_and_app_with_a_qr_code(client: Client, phone: Device) -> None:
