@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Sequence
 from uuid import uuid4
 
 import trio
@@ -23,6 +24,7 @@ from api import authenticators, device, introspection, meta, operations, users
 from api.exchange import CompleteExchanges
 from api.exposition import PUBLISH_SECONDS
 from api.metrics import families
+from api.proxies import TrustedProxies
 from api.routing import (
     Services,
     problem_response,
@@ -52,7 +54,21 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 ENGINE_FAILED = "TAPSIGN_ENGINE_FAILED"
 
 
-def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio:
+#: The resources of each API (``[server] apis``).
+APIS = {
+    "relying-party": (operations, introspection, users, authenticators),
+    "device": (device,),
+}
+
+
+def create_app(
+    services: Services,
+    *,
+    max_body_bytes: int = 65_536,
+    apis: Sequence[str] = tuple(APIS),
+    trusted_proxies: Sequence[str] = (),
+) -> QuartTrio:
+    """The application serving ``apis`` (and always health, metrics, JWKS, OpenAPI)."""
     app = QuartTrio("tapsign", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -60,6 +76,10 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
     app.asgi_app = CompleteExchanges(  # type: ignore[method-assign]
         app.asgi_app, max_body_bytes=max_body_bytes
     )
+    if trusted_proxies:
+        app.asgi_app = TrustedProxies(  # type: ignore[method-assign]
+            app.asgi_app, trusted_proxies
+        )
     engine = services.engine
     engine_scope = trio.CancelScope()
 
@@ -129,7 +149,9 @@ def create_app(services: Services, *, max_body_bytes: int = 65_536) -> QuartTrio
         log.exception("unexpected error (request %s)", g.get("request_id"), exc_info=error)
         return problem_response(TapsignError("an unexpected error occurred"))
 
-    for resource in (operations, introspection, users, authenticators, device, meta):
-        resource.register(app, services)
+    for api in apis:
+        for resource in APIS[api]:
+            resource.register(app, services)
+    meta.register(app, services)
 
     return app

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -99,7 +100,12 @@ def build_app(settings: Settings, environ: Mapping[str, str] = os.environ) -> Qu
         clock=utc_now,
         board=Board(settings.server.metrics_dir),
     )
-    return create_app(services, max_body_bytes=settings.server.max_body_bytes)
+    return create_app(
+        services,
+        max_body_bytes=settings.server.max_body_bytes,
+        apis=settings.server.apis,
+        trusted_proxies=settings.server.trusted_proxies,
+    )
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -116,6 +122,12 @@ def hypercorn_config(settings: Settings) -> Config:
     # Hypercorn logs through the "hypercorn.error" logger, to tapsign's own handlers.
     config.accesslog = None
     config.errorlog = None
+    server = settings.server
+    if server.certfile is not None:
+        config.certfile, config.keyfile = server.certfile, server.keyfile
+        if server.client_ca_file is not None:
+            config.ca_certs = server.client_ca_file
+            config.verify_mode = ssl.CERT_REQUIRED
     return config
 
 

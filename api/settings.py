@@ -10,11 +10,12 @@ lists every key.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -67,12 +68,43 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: the environment takes precedence); neither: ``/metrics`` is open to whoever reaches
     #: the port (bind to a private address then).
     metrics_token_file: str | None = None
+    #: TLS from Hypercorn: the certificate chain and its private key (PEM). With both,
+    #: this instance serves HTTPS only.
+    certfile: str | None = None
+    keyfile: str | None = None
+    #: CA certificates (PEM): every TLS connection must then present a client certificate
+    #: one of them signed (mutual TLS), or the handshake fails. Usually on an instance that
+    #: serves the relying-party API alone (``apis``): phones have no client certificates.
+    client_ca_file: str | None = None
+    #: The APIs this instance serves; health, metrics, the JWKS and the OpenAPI document
+    #: always (docs/how-to/deploy.md).
+    apis: list[Literal["relying-party", "device"]] = msgspec.field(
+        default_factory=lambda: ["relying-party", "device"]
+    )
+    #: Networks (CIDR) of load balancers and proxies in front of tapsign: a request whose
+    #: peer is one of them is from the rightmost ``X-Forwarded-For`` address that is not,
+    #: for rate limits, long-poll caps and the audit log (api/proxies.py).
+    trusted_proxies: list[str] = []
+
+    def __post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("server.certfile and server.keyfile go together")
+        if self.client_ca_file is not None and self.certfile is None:
+            raise ValueError("server.client_ca_file needs server.certfile and server.keyfile")
+        if not self.apis:
+            raise ValueError("server.apis names no API to serve")
+        for network in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"server.trusted_proxies: {network!r} is not a network") from None
 
     def process_count(self) -> int:
         return self.workers or os.cpu_count() or 1
 
     def base_url(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        scheme = "http" if self.certfile is None else "https"
+        return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
 
 
 class RateLimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
