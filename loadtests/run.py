@@ -31,6 +31,8 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
+from loadtests.scrape import samples as samples_of
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -339,13 +341,14 @@ def _summary(
             if row["Type"] not in ("SCA", "SHED", "") and row["Name"] != "Aggregated":
                 http_requests += int(row["Request Count"])
                 http_errors += int(row["Failure Count"])
+    scraped = samples_of(metrics) if metrics else {}
     verifier = {
-        line.split("{")[0].split(" ")[0].removeprefix("tapsign_verifier_"): float(
-            line.rsplit(" ", 1)[1]
-        )
-        for line in metrics.splitlines()
-        if line.startswith("tapsign_verifier_")
+        name.removeprefix("tapsign_verifier_"): value
+        for name, value in scraped.items()
+        if name.startswith("tapsign_verifier_") and "batch_size_bucket" not in name
     }
+    if verifier.get("batch_size_count"):
+        verifier["mean_batch"] = verifier["batch_size_sum"] / verifier["batch_size_count"]
     _chart(report, timings, samples)
     by_scenario: dict[str, int] = {}
     for _, _, name, outcome in timings:

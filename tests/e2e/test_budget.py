@@ -15,6 +15,7 @@ from contextlib import closing
 import httpx
 import pytest
 
+from loadtests.scrape import samples
 from tapsign_sdk.client import Client
 from tapsign_sdk.device import Device
 from tests.e2e.serving import Server, serving
@@ -44,12 +45,8 @@ def _counters(server: Server) -> dict[str, float]:
         "tapsign_verifier_valid_total",
         "tapsign_verifier_invalid_total",
     )
-    values = {}
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        name = line.partition("{")[0].partition(" ")[0]
-        if name in names:
-            values[name] = float(line.rpartition(" ")[2])
-    return values
+    scraped = samples(httpx.get(f"{server.url}/metrics").text)
+    return {name: scraped[name] for name in names}
 
 
 def test_a_payment_costs_its_budget_of_hops_and_transactions(quiet: Server) -> None:

@@ -28,6 +28,7 @@ import pytest
 import sqlalchemy as sa
 
 from loadtests.run import _process_tree, free_port
+from loadtests.scrape import metric
 from tapsign_sdk.client import ApiError, Client
 from tapsign_sdk.device import Device
 from tapsign_sdk.request import sign_headers
@@ -104,12 +105,7 @@ def _until(check: Callable[[], bool], what: str, *, seconds: float = WITHIN) -> 
 
 
 def _metric(server: Server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith((name + " ", name + "{"))
-    )
+    return metric(httpx.get(f"{server.url}/metrics").text, name)
 
 
 def _long_poll(client: Client, status_token: str, into: list[str]) -> None:

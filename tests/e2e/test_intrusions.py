@@ -27,6 +27,7 @@ import msgspec
 import pytest
 
 from loadtests.run import free_port
+from loadtests.scrape import metric
 from tapsign_sdk.client import ApiError, Client
 from tapsign_sdk.device import Device
 from tapsign_sdk.model import UserVerification
@@ -400,7 +401,7 @@ def _guarded_metric(server: Server, name: str) -> float:
     text = httpx.get(
         f"{server.url}/metrics", headers={"Authorization": "Bearer metrics-" + "x" * 24}
     ).text
-    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+    return metric(text, name)
 
 
 def test_13_metrics_need_their_token_and_readiness_tells_no_error_text(guarded: Server) -> None:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from loadtests.scrape import metric
 from tapsign_sdk import wire
 from tapsign_sdk.client import ApiError, Client
 from tapsign_sdk.device import Authenticator, Device
@@ -153,8 +154,8 @@ def test_health_metrics_jwks_and_docs(server: Server) -> None:
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/readyz").json()["status"] == "ready"
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert 'tapsign_verifier_valid_total{backend="openssl"}' in metrics
-    assert "tapsign_operations_live" in metrics
+    assert metric(metrics, "tapsign_verifier_valid_total", backend="openssl") >= 0
+    assert metric(metrics, "tapsign_operations_live") >= 0
     jwks = httpx.get(f"{server.url}/.well-known/jwks.json")
     assert jwks.headers["content-type"] == "application/jwk-set+json"
     assert {key["use"] for key in jwks.json()["keys"]} == {"sig"}
@@ -179,10 +180,7 @@ def test_health_metrics_jwks_and_docs(server: Server) -> None:
 
 
 def _metric(server: Server, name: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
+    return metric(httpx.get(f"{server.url}/metrics").text, name)
 
 
 @contextmanager
@@ -277,5 +275,5 @@ def test_the_device_api_is_rate_limited_per_device_and_per_address(limited: Serv
         phone.close()
         other.close()
     metrics = httpx.get(f"{limited.url}/metrics").text
-    assert 'tapsign_device_requests_limited_total{by="device"} 1' in metrics
-    assert 'tapsign_device_requests_limited_total{by="address"} 2' in metrics
+    assert metric(metrics, "tapsign_device_requests_limited_total", by="device") == 1
+    assert metric(metrics, "tapsign_device_requests_limited_total", by="address") == 2
