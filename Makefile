@@ -11,7 +11,8 @@ VAR    := var
 
 # make loadtest SCENARIO=mixed USERS=32 SPAWN_RATE=16 DURATION=60s [URL=… ACCESS_KEY=…]
 #   [DATABASE_URL=postgresql+psycopg://root@127.0.0.1:5432/test: the started server on
-#   PostgreSQL, in a scratch schema of that database dropped afterwards]
+#   PostgreSQL, in a scratch schema of that database dropped afterwards; HOSTS=3: three
+#   tapsign serve process groups on it, each phone talking to another host than its bank]
 SCENARIO   ?= mixed
 USERS      ?= 32
 SPAWN_RATE ?= 16
@@ -20,6 +21,7 @@ URL        ?=
 ACCESS_KEY ?=
 DATABASE_URL ?=
 SERVER_WORKERS ?= 0
+HOSTS ?= 1
 
 run: setup
 	@echo "==> access key for your backend (made on the first run, shown only then)"
@@ -34,7 +36,7 @@ test: setup lint
 loadtest: setup
 	@echo "==> Locust, scenario $(SCENARIO), $(USERS) users, $(DURATION), report in loadtests/reports/"
 	$(BIN)/python -m loadtests.run --scenario $(SCENARIO) --users $(USERS) \
-	  --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --server-workers $(SERVER_WORKERS) \
+	  --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --server-workers $(SERVER_WORKERS) --hosts $(HOSTS) \
 	  $(if $(URL),--url $(URL)) $(if $(ACCESS_KEY),--access-key $(ACCESS_KEY)) \
 	  $(if $(DATABASE_URL),--database-url $(DATABASE_URL))
 

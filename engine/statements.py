@@ -586,9 +586,16 @@ def revoke_access_key(connection: Connection, key_id: str, now: datetime) -> boo
     return result.rowcount == 1
 
 
-def consume_token(connection: Connection, jti: str, *, now: datetime, expires_at: datetime) -> bool:
-    """Record a one-time token as used; False if it was used before (a replay)."""
+def purge_consumed_tokens(connection: Connection, *, now: datetime) -> None:
+    """Forget the one-time tokens and nonces whose own lifetime is over (a replay of one
+    is refused for its age by then)."""
     connection.execute(consumed_tokens.delete().where(consumed_tokens.c.expires_at < now))
+
+
+def consume_token(connection: Connection, jti: str, *, now: datetime, expires_at: datetime) -> bool:
+    """Record a one-time token as used; False if it was used before (a replay). Rows past
+    their ``expires_at`` are purged apart (:func:`purge_consumed_tokens`): until then they
+    refuse their token's replay a little longer than needed."""
     insert = sqlite_insert if connection.dialect.name == "sqlite" else postgresql_insert
     result = connection.execute(
         insert(consumed_tokens)

@@ -14,11 +14,15 @@ Phones are enrolled when a user starts, with a separate HTTP client, and the sta
 are reset once every user runs (``--reset-stats``), so the measured phase measures
 approvals. Scenario: ``TAPSIGN_LOADTEST_SCENARIO`` = ``mixed`` (default), ``enrolment``,
 ``login``, ``payment``, ``consent`` or ``decline``. The access key:
-``TAPSIGN_LOADTEST_ACCESS_KEY``.
+``TAPSIGN_LOADTEST_ACCESS_KEY``. Several hosts on one database: their URLs in
+``TAPSIGN_LOADTEST_HOSTS`` (comma-separated); each user's relying party then talks to one
+of them and its phone to the next, so that every answer lands on a host that did not
+start the transaction.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -42,6 +46,10 @@ from tapsign_sdk.request import sign_headers
 ACCESS_KEY = os.environ.get("TAPSIGN_LOADTEST_ACCESS_KEY", "")
 SCENARIO = os.environ.get("TAPSIGN_LOADTEST_SCENARIO", "mixed")
 TIMINGS = os.environ.get("TAPSIGN_LOADTEST_TIMINGS")
+#: Several hosts on one database (``make loadtest HOSTS=3``): each simulated user's relying
+#: party talks to one host and its phone to the next.
+HOSTS = [url for url in os.environ.get("TAPSIGN_LOADTEST_HOSTS", "").split(",") if url]
+_users = itertools.count()
 #: The mixed scenario: mostly payments and logins, some enrolments, consents and declines.
 MIX = {"payment": 45, "login": 40, "enrolment": 5, "consent": 5, "decline": 5}
 SHOP = {"name": "Coffee Shop", "account": "DE89 3704 0044 0532 0130 00"}
@@ -92,7 +100,10 @@ class RelyingPartyWithPhone(FastHttpUser):
 
     def on_start(self) -> None:
         self.authorization = {"Authorization": f"Bearer {ACCESS_KEY}"}
-        self.base = self.host or ""
+        hosts = HOSTS or [self.host or ""]
+        number = next(_users)
+        self.base = hosts[number % len(hosts)]
+        self.phone_base = hosts[(number + 1) % len(hosts)]
         self.jwks = httpx.get(f"{self.base}/.well-known/jwks.json").json()
         self.username, self.phone, self.phone_id = self._enrol_outside_the_measurement()
         weights = MIX if SCENARIO == "mixed" else {SCENARIO: 1}
@@ -103,7 +114,7 @@ class RelyingPartyWithPhone(FastHttpUser):
         username = f"load-{secrets.token_hex(6)}"
         with Client(self.base, ACCESS_KEY) as client:
             started = client.enroll(username=username)
-            phone = Device(self.base)
+            phone = Device(self.phone_base)
             try:
                 phone.enroll(started.enrollment.app_link_uri)
             finally:
@@ -176,7 +187,7 @@ class RelyingPartyWithPhone(FastHttpUser):
         enrolled = _enrolled.decode(response)
         token = Device.dispatch_token(enrolled.enrollment.app_link_uri)
         redeemed = _device_operation.decode(
-            self._post("/device/v1/redeem", {"dispatchToken": token}, {})
+            self._post("/device/v1/redeem", {"dispatchToken": token}, {}, phone=True)
         )
         phone = Authenticator()
         signed = phone.answer(redeemed)
@@ -186,6 +197,7 @@ class RelyingPartyWithPhone(FastHttpUser):
             body,
             {"Authorization": f"Bearer {token}"},
             name="POST /device/v1/operations/[id]/answer",
+            phone=True,
         )
         self._final_status(enrolled.enrollment.status_token, expected="succeeded")
 
@@ -214,7 +226,7 @@ class RelyingPartyWithPhone(FastHttpUser):
             ),
         }
         with self.client.post(
-            answer_path,
+            self.phone_base + answer_path,
             data=body.decode(),
             headers=headers,
             name="POST /device/v1/operations/[id]/answer",
@@ -233,7 +245,10 @@ class RelyingPartyWithPhone(FastHttpUser):
             authenticator_id=self.phone_id, signer=self.phone, method="GET", path=path, body=b""
         )
         with self.client.get(
-            path, headers=headers, name="GET /device/v1/operations/[id]", catch_response=True
+            self.phone_base + path,
+            headers=headers,
+            name="GET /device/v1/operations/[id]",
+            catch_response=True,
         ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
@@ -259,10 +274,12 @@ class RelyingPartyWithPhone(FastHttpUser):
         *,
         name: str | None = None,
         starts: bool = False,
+        phone: bool = False,
     ) -> bytes:
+        """POST to the relying party's host, or to the phone's (``phone``)."""
         body = msgspec.json.encode(document)
         with self.client.post(
-            path,
+            (self.phone_base if phone else self.base) + path,
             data=body.decode(),
             headers={"Content-Type": "application/json", **headers},
             name=name or f"POST {path}",

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
+from loadtests import postgres
 from loadtests.scrape import samples as samples_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,20 +44,41 @@ def main(argv: list[str] | None = None) -> int:
     options = _options(argv)
     report = ROOT / "loadtests" / "reports" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     report.mkdir(parents=True)
+    urls: list[str] = []  # the other hosts, if several
     with contextlib.ExitStack() as stack:
         if options.url:
-            url, access_key, pid = options.url.rstrip("/"), options.access_key, None
+            url, access_key, pid = options.url.rstrip("/"), options.access_key, []
+            database = None
             if not access_key:
                 print("--url needs --access-key (or TAPSIGN_LOADTEST_ACCESS_KEY)", file=sys.stderr)
                 return 2
         else:
+            if options.hosts > 1 and options.database_url is None:
+                print("several --hosts share PostgreSQL: give --database-url", file=sys.stderr)
+                return 2
             database = stack.enter_context(scratch_schema(options.database_url))
             server, url, access_key = start_server(
-                report / "server", options.server_workers, database_url=database
+                report / "server",
+                options.server_workers,
+                database_url=database,
+                shared=options.hosts > 1,
             )
             stack.callback(_stop, server)
-            pid = server.pid
-        summary = _run(options, report, url, access_key, pid)
+            pid = [server.pid]
+            for number in range(1, options.hosts):
+                other, other_url = start_host(
+                    report / f"server-{number}",
+                    options.server_workers,
+                    database_url=database,
+                    token=report / "server" / "var" / "softhsm",
+                )
+                stack.callback(_stop, other)
+                pid.append(other.pid)
+                urls.append(other_url)
+        # PostgreSQL's statistics are read outside the scratch schema, whose search path
+        # hides pg_stat_statements' functions.
+        measure = options.database_url if database is not None else None
+        summary = _run(options, report, url, access_key, pid, urls, measure)
     (report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"{summary['scenario']}: {summary['transactions_per_second']:.0f} tx/s "
@@ -69,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         f"(Locust {summary['locust_cpu_cores_mean']:.2f}), "
         f"RSS {summary['server']['rss_mib_max']:.0f} MiB -> {report.relative_to(ROOT)}"
     )
+    each = summary.get("postgresql_per_transaction")
+    if each:
+        print(
+            f"PostgreSQL per transaction ({summary['hosts']} hosts): "
+            f"{each.get('statements', 'n/a')} statements, {each['commits']} commits, "
+            f"{each['wal_bytes']:.0f} WAL bytes, {each['wal_flushes']} WAL flushes, "
+            f"{each['cpu_ms']} ms CPU"
+        )
     return 0 if summary["failed_transactions"] == 0 and summary["http_errors"] == 0 else 1
 
 
@@ -117,6 +147,14 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--locust-processes", type=int, default=1, help="Locust worker processes")
     parser.add_argument(
+        "--hosts",
+        type=int,
+        default=1,
+        help="tapsign serve process groups on one PostgreSQL database, each in a directory "
+        "of its own (sharing the first one's SoftHSM2 token); phones talk to another host "
+        "than their relying party",
+    )
+    parser.add_argument(
         "--database-url",
         help="the started server's database, e.g. postgresql+psycopg://root@127.0.0.1/test "
         "(a scratch schema in it); none: SQLite in the scratch directory",
@@ -132,19 +170,13 @@ def free_port() -> int:
 
 
 def start_server(
-    directory: Path, workers: int, *, database_url: str | None = None
+    directory: Path, workers: int, *, database_url: str | None = None, shared: bool = False
 ) -> tuple[subprocess.Popen[bytes], str, str]:
+    """A server in ``directory`` with a new token and access key (``shared``: the first of
+    several hosts)."""
     directory.mkdir()
     tapsign = str(BIN / "tapsign")
-    environment = {
-        k: v for k, v in os.environ.items() if not k.startswith(("TAPSIGN_", "SOFTHSM2_"))
-    }
-    # Every simulated phone comes from 127.0.0.1 and runs transactions back to back: the
-    # device API's rate limits, meant for real phones, are off for the server started here.
-    environment["TAPSIGN_RATELIMIT_ADDRESS_PER_SECOND"] = "0"
-    environment["TAPSIGN_RATELIMIT_DEVICE_PER_SECOND"] = "0"
-    if database_url is not None:
-        environment["TAPSIGN_DATABASE_URL"] = database_url
+    environment = _server_environment(database_url, shared=shared)
     subprocess.run(  # noqa: S603 - our own scripts
         [str(ROOT / "softhsm-config" / "init-token.sh"), "var", tapsign],
         cwd=directory,
@@ -164,6 +196,41 @@ def start_server(
     port = free_port()
     command = [tapsign, "serve", "--port", str(port), "--workers", str(workers)]
     return launch(command, directory, environment, port), f"http://127.0.0.1:{port}", access_key
+
+
+def start_host(
+    directory: Path, workers: int, *, database_url: str | None, token: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Another host of the first one's database, with its SoftHSM2 token (as hosts share a
+    network HSM) and a directory of its own."""
+    directory.mkdir()
+    (directory / "tapsign.toml").write_text(
+        f'[hsm]\npin_file = "{token / "user.pin"}"\nsofthsm2_conf = "{token / "softhsm2.conf"}"\n'
+    )
+    environment = _server_environment(database_url, shared=True)
+    port = free_port()
+    command = [str(BIN / "tapsign"), "serve", "--port", str(port), "--workers", str(workers)]
+    return launch(command, directory, environment, port), f"http://127.0.0.1:{port}"
+
+
+#: The one public URL of several hosts, as behind a load balancer: the issuer of the tokens
+#: one host signs and another checks.
+SHARED_PUBLIC_URL = "http://tapsign.loadtest"
+
+
+def _server_environment(database_url: str | None, *, shared: bool) -> dict[str, str]:
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith(("TAPSIGN_", "SOFTHSM2_"))
+    }
+    if shared:
+        environment["TAPSIGN_SERVER_PUBLIC_URL"] = SHARED_PUBLIC_URL
+    # Every simulated phone comes from 127.0.0.1 and runs transactions back to back: the
+    # device API's rate limits, meant for real phones, are off for the servers started here.
+    environment["TAPSIGN_RATELIMIT_ADDRESS_PER_SECOND"] = "0"
+    environment["TAPSIGN_RATELIMIT_DEVICE_PER_SECOND"] = "0"
+    if database_url is not None:
+        environment["TAPSIGN_DATABASE_URL"] = database_url
+    return environment
 
 
 def launch(
@@ -222,13 +289,20 @@ def sample(pid: int) -> tuple[float, int]:
 
 
 def _run(
-    options: argparse.Namespace, report: Path, url: str, access_key: str, pid: int | None
+    options: argparse.Namespace,
+    report: Path,
+    url: str,
+    access_key: str,
+    pids: list[int],
+    hosts: list[str],
+    database_url: str | None,
 ) -> dict[str, Any]:
     environment = {
         **os.environ,
         "TAPSIGN_LOADTEST_ACCESS_KEY": access_key,
         "TAPSIGN_LOADTEST_SCENARIO": options.scenario,
         "TAPSIGN_LOADTEST_TIMINGS": str(report / "timings"),
+        "TAPSIGN_LOADTEST_HOSTS": ",".join([url, *hosts]) if hosts else "",
     }
     command = [
         str(BIN / "locust"),
@@ -257,13 +331,19 @@ def _run(
     samples: list[tuple[float, float, int]] = []
     locust_cpu: list[tuple[float, float]] = []
     # Straight into a file: a pipe read only at the end fills up and stalls Locust.
-    with (report / "locust.log").open("wb") as log:
+    database = (
+        postgres.measured(database_url, lambda pid: sample(pid)[0])
+        if database_url
+        else contextlib.nullcontext(None)
+    )
+    with (report / "locust.log").open("wb") as log, database as postgresql:
         locust = subprocess.Popen(  # noqa: S603 - our own command line
             command, env=environment, stdout=log, stderr=subprocess.STDOUT
         )
         while locust.poll() is None:
-            if pid is not None:
-                samples.append((time.time(), *sample(pid)))
+            if pids:
+                cpu, rss = zip(*(sample(pid) for pid in pids), strict=True)
+                samples.append((time.time(), sum(cpu), sum(rss)))
             locust_cpu.append((time.time(), sample(locust.pid)[0]))
             time.sleep(1)
     timings = _merge_timings(report)
@@ -275,6 +355,12 @@ def _run(
     metrics = httpx.get(f"{url}/metrics", timeout=10).text if _alive(url) else ""
     summary = _summary(options, report, timings, samples, metrics)
     summary["locust_cpu_cores_mean"] = _mean_rate(locust_cpu)
+    summary["hosts"] = 1 + len(hosts)
+    if postgresql is not None:
+        summary["postgresql"] = postgresql
+        summary["postgresql_per_transaction"] = postgres.per_transaction(
+            postgresql, summary["transactions"]
+        )
     return summary
 
 

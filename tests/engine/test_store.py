@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -177,3 +178,18 @@ async def test_a_one_time_token_is_consumed_once_in_grouped_writes(store: Store)
         nursery.cancel_scope.cancel()
     assert sorted(taken) == [False, True]
     assert await store.write(consume) is False
+
+
+async def test_expired_one_time_tokens_are_purged_and_the_others_kept(store: Store) -> None:
+    now = datetime.now(UTC)
+
+    def consume(jti: str, expires_at: datetime) -> Callable[[Connection], bool]:
+        return lambda connection: db.consume_token(
+            connection, jti, now=now - timedelta(minutes=5), expires_at=expires_at
+        )
+
+    assert await store.write(consume("expired", now - timedelta(seconds=1)))
+    assert await store.write(consume("current", now + timedelta(minutes=1)))
+    await store.write(lambda connection: db.purge_consumed_tokens(connection, now=now))
+    assert await store.write(consume("expired", now + timedelta(minutes=1)))  # forgotten
+    assert not await store.write(consume("current", now + timedelta(minutes=1)))  # kept
