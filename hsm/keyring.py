@@ -245,8 +245,10 @@ def open_keyring(settings: HsmSettings, *, pin: str) -> Keyring:
                 max_sessions=settings.max_sessions,
                 softhsm2_conf=settings.softhsm2_conf,
             ),
+            # Beside SoftHSM2's configuration, where there is one; another module (a network
+            # HSM) has no such file, and serialises key changes itself.
             lock=None
-            if settings.softhsm2_conf is None
+            if settings.softhsm2_conf is None or not Path(settings.softhsm2_conf).is_file()
             else Path(settings.softhsm2_conf).with_name("keyring.lock"),
         )
     return Keyring(store)
