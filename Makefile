@@ -41,12 +41,15 @@ loadtest: setup
 	  $(if $(DATABASE_URL),--database-url $(DATABASE_URL))
 
 # make crashtest CYCLES=20 CLIENTS=8: SIGKILL the server under load, restart, check (tests/e2e/crash.py)
+#   [HOSTS=3 DATABASE_URL=postgresql+psycopg://root@127.0.0.1:5432/test: three servers on
+#   one PostgreSQL database, killed one at a time]
 CYCLES  ?= 20
 CLIENTS ?= 8
 
 crashtest: setup
-	@echo "==> crash test: $(CYCLES) kills and restarts under load from $(CLIENTS) clients"
-	$(BIN)/python -m tests.e2e.crash --cycles $(CYCLES) --clients $(CLIENTS)
+	@echo "==> crash test: $(CYCLES) kills and restarts under load from $(CLIENTS) clients, $(HOSTS) host(s)"
+	$(BIN)/python -m tests.e2e.crash --cycles $(CYCLES) --clients $(CLIENTS) --hosts $(HOSTS) \
+	  $(if $(DATABASE_URL),--database-url $(DATABASE_URL))
 
 # make fuzz FUZZ_EXAMPLES=300: many more fuzz cases than make test runs, on SQLite and
 # PostgreSQL (skipped, with the reason, where PostgreSQL is not running)

@@ -17,6 +17,12 @@ Afterwards every transaction is read back, the callbacks are awaited, and the ru
   time, or the restart after it, by more than a grace period);
 * a transaction that ended got no callback reporting that end.
 
+With ``--hosts N`` (on PostgreSQL, ``--database-url``) N servers share one database, each
+in a directory of its own and on its own port, sharing the first one's SoftHSM2 token and
+one public URL as hosts behind a load balancer do; each client's backend talks to one host
+and its phone to the next, and the hosts are killed one at a time, in turn. Operations of a
+host that is down are expired by the others (``[operations] sweep_seconds``, 1 s here).
+
 ``make crashtest`` runs it long; the test suite runs a short form (tests/e2e/test_crash.py).
 ``python -m tests.e2e.crash --help`` shows the options.
 """
@@ -41,11 +47,11 @@ from uuid import UUID
 
 import httpx
 
-from loadtests.run import free_port
+from loadtests.run import free_port, scratch_schema
 from tapsign_sdk import wire
 from tapsign_sdk.client import ApiError, Client, Payee
 from tapsign_sdk.device import Device
-from tests.e2e.serving import prepare, start
+from tests.e2e.serving import database_config, prepare, start
 from tests.receiver import Receiver, receiving
 
 #: How late an expiry may be, beyond its time or the restart that follows it.
@@ -98,15 +104,32 @@ class Report:
         ]
 
 
+#: Several hosts: how often each sweeps for the operations of a host that is down.
+SWEEP_SECONDS = 1.0
+
+
 class Crashtest:
-    def __init__(self, directory: Path, *, clients: int, expiry: int, seed: int) -> None:
-        self.directory = directory
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        clients: int,
+        expiry: int,
+        seed: int,
+        hosts: int = 1,
+        database_url: str | None = None,
+    ) -> None:
+        self.directories = (
+            [directory] if hosts == 1 else [directory / f"host-{n}" for n in range(hosts)]
+        )
+        self.database_url = database_url
         self.clients = clients
         self.expiry = expiry
         self.random = random.Random(seed)
         self.receiver = Receiver()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ports = [free_port() for _ in range(hosts)]
+        self.urls = [f"http://127.0.0.1:{port}" for port in self.ports]
+        self.url = self.urls[0]
         self.seen: dict[UUID, Seen] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -119,23 +142,45 @@ class Crashtest:
     def run(self, cycles: int, *, between: tuple[float, float]) -> Report:
         with receiving(self.receiver):
             # The receiver listens on the loopback interface.
+            config = "[callbacks]\nallow_private_networks = true\n"
+            if len(self.urls) > 1:
+                assert self.database_url is not None, "several hosts share a PostgreSQL database"
+                config = (
+                    database_config(self.database_url)
+                    + '[server]\npublic_url = "https://tapsign.test"\n'
+                    + f"[operations]\nsweep_seconds = {SWEEP_SECONDS}\n"
+                    + config
+                    + "lease_seconds = 3\n"
+                )
             self.access_key = prepare(
-                self.directory,
-                config="[callbacks]\nallow_private_networks = true\n",
-                callback_url=self.receiver.url(),
+                self.directories[0], config=config, callback_url=self.receiver.url()
             )
-            server = start(self.directory, self.port)
+            token = self.directories[0] / "var" / "softhsm"
+            for directory in self.directories[1:]:
+                directory.mkdir()
+                (directory / "tapsign.toml").write_text(
+                    config
+                    + f'[hsm]\npin_file = "{token / "user.pin"}"\n'
+                    + f'softhsm2_conf = "{token / "softhsm2.conf"}"\n'
+                )
+            servers = [
+                start(directory, port)
+                for directory, port in zip(self.directories, self.ports, strict=True)
+            ]
             try:
                 phones = self._enrol()
                 workers = [
-                    threading.Thread(target=self._transact, args=(phone, username), daemon=True)
-                    for phone, username in phones
+                    threading.Thread(
+                        target=self._transact, args=(number, phone, username), daemon=True
+                    )
+                    for number, (phone, username) in enumerate(phones)
                 ]
                 for worker in workers:
                     worker.start()
-                for _ in range(cycles):
+                for cycle in range(cycles):
                     time.sleep(self.random.uniform(*between))
-                    server = self._crash(server)
+                    host = cycle % len(servers)
+                    servers[host] = self._crash(host, servers[host])
                 time.sleep(between[0])  # some traffic after the last restart
                 self.stop.set()
                 for worker in workers:
@@ -144,11 +189,12 @@ class Crashtest:
                     phone.close()
                 self._check()
             finally:
-                server.terminate()
-                server.wait(timeout=30)
+                for server in servers:
+                    server.terminate()
+                    server.wait(timeout=30)
         return self.report
 
-    def _crash(self, server: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    def _crash(self, host: int, server: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
         with self.lock:
             killed_at = time.time()
             in_flight = sum(
@@ -158,7 +204,7 @@ class Crashtest:
         server.wait(timeout=30)
         self.report.cycles += 1
         self.report.in_flight_at_kills.append(in_flight)
-        restarted = start(self.directory, self.port)
+        restarted = start(self.directories[host], self.ports[host])
         self.downtimes.append((killed_at, time.time()))
         return restarted
 
@@ -169,7 +215,7 @@ class Crashtest:
         with Client(self.url, self.access_key) as client:
             for number in range(self.clients):
                 username = f"crash-{number}"
-                phone = Device(self.url)
+                phone = Device(self._phone_url(number))
                 started = client.enroll(username=username)
                 phone.enroll(started.enrollment.app_link_uri)
                 with self.lock:
@@ -184,8 +230,13 @@ class Crashtest:
                 phones.append((phone, username))
         return phones
 
-    def _transact(self, phone: Device, username: str) -> None:
-        with Client(self.url, self.access_key, timeout=15) as client:
+    def _phone_url(self, number: int) -> str:
+        """Client ``number``'s phone talks to the host after its backend's."""
+        return self.urls[(number + 1) % len(self.urls)]
+
+    def _transact(self, number: int, phone: Device, username: str) -> None:
+        backend = self.urls[number % len(self.urls)]
+        with Client(backend, self.access_key, timeout=15) as client:
             while not self.stop.is_set():
                 try:
                     self._one(client, phone, username)
@@ -306,7 +357,10 @@ class Crashtest:
 
     def _due(self, expires_at: float) -> float:
         """When an expiry must have happened: its time, or the restart after it if the
-        server was down then, plus the grace period."""
+        server was down then, plus the grace period. With several hosts one is always up,
+        and expires what the one that is down held within two sweeps."""
+        if len(self.urls) > 1:
+            return expires_at + 2 * SWEEP_SECONDS + EXPIRY_GRACE_SECONDS
         due = expires_at
         for killed, ready in self.downtimes:
             if killed <= expires_at <= ready:
@@ -361,11 +415,32 @@ def main() -> None:
     parser.add_argument("--max-gap", type=float, default=5.0, help="most seconds between kills")
     parser.add_argument("--expiry", type=int, default=15, help="transaction lifetime, seconds")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    parser.add_argument("--hosts", type=int, default=1, help="servers on one database")
+    parser.add_argument(
+        "--database-url",
+        help="PostgreSQL for several hosts, e.g. postgresql+psycopg://root@127.0.0.1/test "
+        "(a scratch schema in it)",
+    )
     options = parser.parse_args()
+    if options.hosts > 1 and options.database_url is None:
+        parser.error("several --hosts share PostgreSQL: give --database-url")
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**32)
-    print(f"==> crash test: {options.cycles} cycles, {options.clients} clients, seed {seed}")
-    with tempfile.TemporaryDirectory(prefix="tapsign-crash-") as directory:
-        test = Crashtest(Path(directory), clients=options.clients, expiry=options.expiry, seed=seed)
+    print(
+        f"==> crash test: {options.cycles} cycles, {options.clients} clients, "
+        f"{options.hosts} host(s), seed {seed}"
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="tapsign-crash-") as directory,
+        scratch_schema(options.database_url) as database,
+    ):
+        test = Crashtest(
+            Path(directory),
+            clients=options.clients,
+            expiry=options.expiry,
+            seed=seed,
+            hosts=options.hosts,
+            database_url=database,
+        )
         report = test.run(options.cycles, between=(options.min_gap, options.max_gap))
     print("\n".join(report.lines()))
     sys.exit(1 if report.problems else 0)
