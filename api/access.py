@@ -40,8 +40,13 @@ class AccessKeys:
     def __init__(self, store: Store, *, clock: Clock) -> None:
         self._store = store
         self._clock = clock
-        #: Revocation reaches the other processes within this second (engine/recent.py).
+        #: Revocation reaches the other processes with its change notice, or at the latest
+        #: within this second (engine/recent.py).
         self._recent: Recent[str, AccessKeyRecord] = Recent(seconds=1.0, size=1024)
+
+    def forget_all(self) -> None:
+        """An access key, device or user changed status somewhere: read keys afresh."""
+        self._recent.clear()
 
     async def create(
         self,

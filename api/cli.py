@@ -33,7 +33,7 @@ from engine.audit import CHECKPOINT_AUDIENCE, AuditEntry, verify_chain, verify_c
 from engine.benchmark import bench_memory
 from engine.identity import Identity
 from engine.model import Device, User, utc_now
-from engine.peers import announce_to
+from engine.peers import announce_records_to, announce_to
 from engine.service import end_user
 from engine.statements import AccessKeyRecord, read_audit
 from engine.store import Store
@@ -313,6 +313,7 @@ def keys_revoke(settings: Settings, arguments: argparse.Namespace) -> None:
         await AccessKeys(store, clock=utc_now).revoke(arguments.key_id)
 
     _with_store(settings, revoke)
+    announce_records_to(settings.server.peers_dir)  # a running server forgets it at once
     print(f"access key {arguments.key_id} revoked")
 
 
@@ -345,6 +346,8 @@ def users_command(settings: Settings, arguments: argparse.Namespace) -> None:
         return user, await identity.list_devices(user.id)
 
     shown = _with_store(settings, act)
+    if arguments.action != "show":  # a running server forgets what it cached of the user
+        announce_records_to(settings.server.peers_dir)
     if shown is None:
         print(f"user {arguments.user} deleted (the audit trail keeps its entries)")
         return
@@ -376,6 +379,8 @@ def devices_command(settings: Settings, arguments: argparse.Namespace) -> None:
         return await identity.get_device(device_id)
 
     device = _with_store(settings, act)
+    if arguments.action != "show":  # a running server forgets what it cached of the device
+        announce_records_to(settings.server.peers_dir)
     print(f"{device.id}  user {device.user_id}  {_device_facts(device)}")
 
 

@@ -43,8 +43,13 @@ class DeviceRequests:
     def __init__(self, engine: Engine, *, clock: Clock) -> None:
         self._engine = engine
         self._clock = clock
-        #: Devices read in the last second (engine/recent.py).
+        #: Devices read in the last second (engine/recent.py), forgotten when a status
+        #: changes anywhere.
         self._recent: Recent[UUID, Device] = Recent(seconds=1.0, size=10_000)
+
+    def forget_all(self) -> None:
+        """An access key, device or user changed status somewhere: read devices afresh."""
+        self._recent.clear()
 
     async def authenticate(
         self,

@@ -100,6 +100,7 @@ def build_app(settings: Settings, environ: Mapping[str, str] = os.environ) -> Qu
         clock=utc_now,
         board=Board(settings.server.metrics_dir),
     )
+    engine.record_listeners += [services.access_keys.forget_all, services.devices.forget_all]
     return create_app(
         services,
         max_body_bytes=settings.server.max_body_bytes,

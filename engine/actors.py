@@ -845,9 +845,7 @@ class Supervisor:
             await self._sweep(now)
             # Spent nonces and tokens are purged here rather than by every spend: that
             # DELETE was the costliest statement of a payment on PostgreSQL.
-            await self.context.store.write(
-                lambda connection: db.purge_consumed_tokens(connection, now=now)
-            )
+            await self.context.store.write(functools.partial(db.purge_consumed_tokens, now=now))
 
     async def _sweep(self, now: datetime) -> None:
         cutoff = now - timedelta(seconds=self.context.settings.sweep_seconds)

@@ -213,6 +213,7 @@ class Identity:
                 updated_at=now,
             )
             db.update_device(connection, changed)
+            db.notify_records_changed(connection)
             db.append_audit(
                 connection,
                 at=now,
@@ -232,6 +233,7 @@ class Identity:
 def revoke_device(connection: Connection, device: Device, *, now: datetime, actor: str) -> Device:
     changed = msgspec.structs.replace(device, status=DeviceStatus.DEACTIVATED, updated_at=now)
     db.update_device(connection, changed)
+    db.notify_records_changed(connection)
     db.append_audit(
         connection,
         at=now,
@@ -265,6 +267,7 @@ def set_user_status(
         return user
     changed = msgspec.structs.replace(user, status=status, updated_at=now)
     db.update_user(connection, changed)
+    db.notify_records_changed(connection)
     action = {
         UserStatus.LOCKED: "user.locked",
         UserStatus.DEACTIVATED: "user.deactivated",
@@ -281,6 +284,7 @@ def delete_user(connection: Connection, user_id: UUID, *, now: datetime, actor: 
     """Delete the user and the user's devices, in the caller's transaction."""
     require_user(connection, user_id)
     db.delete_user(connection, user_id)
+    db.notify_records_changed(connection)
     db.append_audit(
         connection, at=now, actor=actor, action="user.deleted", outcome="ok", user_id=user_id
     )

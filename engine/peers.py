@@ -24,6 +24,13 @@ if it rolls back, to every process of every host listening on the database: each
 one listening connection, woken in Trio when its socket becomes readable. A notice is
 lost only with that connection: after reconnecting, the process reads the versions of
 every operation it holds in one query and refreshes those that moved (``on_lost``).
+
+A second kind of notice says that an access key, device or user changed status (revoked,
+locked, unlocked, deactivated, deleted): every process then empties its short-lived caches
+of them (``on_records``; engine/recent.py). On PostgreSQL the storing transaction sends it
+(engine/statements.py ``notify_records_changed``), whoever stores it, a server or a
+``tapsign`` command; on SQLite the changing process sends it to the sockets. A process
+that may have missed notices (``on_lost``) empties them too.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ import psycopg
 import sqlalchemy as sa
 import trio
 
-from engine.statements import CHANGES_CHANNEL
+from engine.statements import CHANGES_CHANNEL, RECORDS_CHANGED
 from tapsign_sdk.problems import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,8 @@ _NOTICE = struct.Struct("!16sQ")
 _MAX_PATH = 107
 
 OnChange = Callable[[UUID, int], None]
+#: Called when an access key, device or user changed status somewhere.
+OnRecords = Callable[[], None]
 #: Called when notices may have been lost: read what moved meanwhile.
 OnLost = Callable[[], Awaitable[None]]
 #: Seconds between attempts to listen again after the connection was lost.
@@ -63,6 +72,9 @@ RECONNECT_SECONDS = 1.0
 RESYNC_SECONDS = 0.5
 #: The notice that says "you missed one: read everything you hold again".
 _RESYNC = _NOTICE.pack(UUID(int=0).bytes, 0)
+#: The notice that says "an access key, device or user changed status: forget what you
+#: cached of them" (engine/statements.py ``notify_records_changed`` on PostgreSQL).
+_RECORDS = _NOTICE.pack(UUID(int=1).bytes, 0)
 
 
 class PeerStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,10 +93,15 @@ class Notices(Protocol):
 
     def announce(self, operation_id: UUID, version: int) -> None: ...
 
+    def announce_records(self) -> None:
+        """Tell the others that an access key, device or user this process changed has a
+        new status (on PostgreSQL the storing transaction did)."""
+
     async def run(
         self,
         on_change: OnChange,
         on_lost: OnLost,
+        on_records: OnRecords = lambda: None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None: ...
@@ -116,11 +133,13 @@ class Peers:
         self,
         on_change: OnChange,
         on_lost: OnLost,
+        on_records: OnRecords = lambda: None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Receive notices and pass them to ``on_change`` until cancelled, and ``on_lost``
-        when a sender says that it dropped one for this process."""
+        """Receive notices and pass them to ``on_change`` until cancelled, ``on_lost``
+        when a sender says that it dropped one for this process, and ``on_records`` when
+        one says that an access key, device or user changed status."""
         if self._directory is None:
             task_status.started()
             return
@@ -144,6 +163,8 @@ class Peers:
                     if data == _RESYNC:
                         self._resynced += 1
                         await on_lost()
+                    elif data == _RECORDS:
+                        on_records()
                     elif len(data) == _NOTICE.size:
                         raw, version = _NOTICE.unpack(data)
                         self._received += 1
@@ -157,12 +178,16 @@ class Peers:
 
     def announce(self, operation_id: UUID, version: int) -> None:
         """Tell every other process here that ``operation_id`` is now at ``version``."""
+        self._send(_NOTICE.pack(operation_id.bytes, version))
+
+    def announce_records(self) -> None:
+        self._send(_RECORDS)
+
+    def _send(self, notice: bytes) -> None:
         if self._sender is None or self._directory is None or self._path is None:
             return
         self._tell_owed()
-        sent, dropped = _announce(
-            self._sender, self._directory, operation_id, version, own=os.fspath(self._path)
-        )
+        sent, dropped = _announce(self._sender, self._directory, notice, own=os.fspath(self._path))
         self._sent += sent
         self._dropped += len(dropped)
         self._owed.update(dropped)
@@ -209,10 +234,14 @@ class PostgresNotices:
         """Counted only: the transaction that stored the change sent its notice."""
         self._sent += 1
 
+    def announce_records(self) -> None:
+        """Nothing: the transaction that stored the change sent its notice."""
+
     async def run(
         self,
         on_change: OnChange,
         on_lost: OnLost,
+        on_records: OnRecords = lambda: None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -221,7 +250,7 @@ class PostgresNotices:
         task_status.started()
         while True:
             try:
-                await self._receive(connection, on_change)
+                await self._receive(connection, on_change, on_records)
             except (psycopg.Error, OSError) as exc:
                 log.warning("lost the PostgreSQL connection that listens for changes: %s", exc)
             finally:
@@ -244,13 +273,19 @@ class PostgresNotices:
         return connection
 
     async def _receive(
-        self, connection: psycopg.Connection[tuple[object, ...]], on_change: OnChange
+        self,
+        connection: psycopg.Connection[tuple[object, ...]],
+        on_change: OnChange,
+        on_records: OnRecords,
     ) -> None:
         pgconn = connection.pgconn
         while True:
             await trio.lowlevel.wait_readable(connection.fileno())
             pgconn.consume_input()  # psycopg.OperationalError once the connection is gone
             while (notice := pgconn.notifies()) is not None:
+                if notice.extra == RECORDS_CHANGED.encode():
+                    on_records()  # this process's own changes too: its caches go as well
+                    continue
                 try:
                     raw, version, origin = notice.extra.decode().split(":")
                     operation_id, stored = UUID(hex=raw), int(version)
@@ -265,11 +300,23 @@ def announce_to(directory: str, changes: Iterable[tuple[UUID, int]]) -> None:
     """Tell the processes serving in ``directory`` that these operations changed, from a
     process that does not serve (``tapsign users deactivate``). A receiver too full to
     take one is told to read everything again, blocking up to a second for it to have room."""
+    _announce_from_outside(
+        directory, [_NOTICE.pack(operation_id.bytes, version) for operation_id, version in changes]
+    )
+
+
+def announce_records_to(directory: str) -> None:
+    """Tell the processes serving in ``directory`` that an access key, device or user
+    changed status, from a process that does not serve (``tapsign keys revoke`` …)."""
+    _announce_from_outside(directory, [_RECORDS])
+
+
+def _announce_from_outside(directory: str, notices: Iterable[bytes]) -> None:
     owed: set[str] = set()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
         sender.setblocking(False)
-        for operation_id, version in changes:
-            owed.update(_announce(sender, Path(directory), operation_id, version, own=None)[1])
+        for notice in notices:
+            owed.update(_announce(sender, Path(directory), notice, own=None)[1])
         sender.settimeout(1.0)
         for peer in owed:
             with contextlib.suppress(OSError):
@@ -277,13 +324,14 @@ def announce_to(directory: str, changes: Iterable[tuple[UUID, int]]) -> None:
 
 
 def _announce(
-    sender: socket.socket, directory: Path, operation_id: UUID, version: int, *, own: str | None
+    sender: socket.socket, directory: Path, notice: bytes, *, own: str | None
 ) -> tuple[int, set[str]]:
-    """Send the notice to every socket in ``directory`` but ``own``: how many took it, and
+    """Send ``notice`` to every socket in ``directory`` but ``own``: how many took it, and
     the sockets that could not."""
-    notice = _NOTICE.pack(operation_id.bytes, version)
     try:
         peers = [entry.path for entry in os.scandir(directory)]
+    except FileNotFoundError:
+        return 0, set()  # nobody serves here (or on PostgreSQL, which has no peers_dir)
     except OSError as exc:
         log.warning("cannot list the peers in %s: %s", directory, exc.strerror)
         return 0, set()

@@ -4,8 +4,10 @@ Access keys and devices are looked up on every request that presents them, and a
 answer names the user; a transaction does each several times within a second. Keeping what
 was read for ``seconds`` spares those reads. The price is bounded staleness: a revoked
 access key or a locked device may still authenticate a request in this process for up to
-that long. An answer's device status is always read afresh when the answer is stored
-(engine/actors.py), so a locked device's signature never counts.
+that long, unless the change notice that makes every process forget them all (engine/
+peers.py, ``on_records``) arrives first, as it does within milliseconds. An answer's device
+status is always read afresh when the answer is stored (engine/actors.py), so a locked
+device's signature never counts.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class Recent(Generic[K, V]):
             del self._entries[key]
             return None
         return entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
 
     def put(self, key: K, value: V) -> None:
         self._entries[key] = (self._clock() + self._seconds, value)

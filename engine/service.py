@@ -27,7 +27,7 @@ from engine.attestation import Attestor
 from engine.callbacks import CallbackDeliverer
 from engine.dispatch import WebhookDispatcher
 from engine.identity import Identity, delete_user, set_user_status
-from engine.model import Clock, Operation, User, UserStatus, utc_now
+from engine.model import Clock, Device, Operation, User, UserStatus, utc_now
 from engine.peers import Notices, Peers, PostgresNotices
 from engine.settings import EngineSettings
 from engine.statements import Lease, OutboxItem
@@ -56,9 +56,10 @@ class Engine:
         self.keyring = keyring
         self.verifier = verifier
         self.clock = clock
-        self.identity = Identity(
-            self.store, clock=clock, changed=lambda record: self.supervisor.facts_changed(record)
-        )
+        self.identity = Identity(self.store, clock=clock, changed=self._status_changed_here)
+        #: Called when an access key, device or user changed status, here or elsewhere:
+        #: the API's caches of them (api/access.py, api/device_auth.py) forget everything.
+        self.record_listeners: list[Callable[[], None]] = []
         # Every process of every host on PostgreSQL; the processes of this host on SQLite.
         self.peers: Notices = (
             PostgresNotices(settings.database.url)
@@ -99,7 +100,10 @@ class Engine:
                 await nursery.start(self.callbacks.run)
                 await nursery.start(self.supervisor.run)
                 await nursery.start(
-                    self.peers.run, self.supervisor.changed_elsewhere, self.supervisor.resync
+                    self.peers.run,
+                    self.supervisor.changed_elsewhere,
+                    self._notices_lost,
+                    self._forget_records,
                 )
                 nursery.start_soon(self._refresh_keys)
                 task_status.started()
@@ -149,6 +153,25 @@ class Engine:
         for operation, items in cancelled:
             self.supervisor.changed_here(operation)
             self.callbacks.enqueue(items)
+        self._forget_records()
+        self.peers.announce_records()
+
+    def _status_changed_here(self, record: User | Device) -> None:
+        """A user or device changed status through this process: its actors judge with the
+        new one, and no process keeps a cached copy."""
+        self.supervisor.facts_changed(record)
+        self._forget_records()
+        self.peers.announce_records()
+
+    async def _notices_lost(self) -> None:
+        """Notices may have been lost: what moved is read again, and what was cached of
+        access keys, devices and users is forgotten (a status may have changed)."""
+        self._forget_records()
+        await self.supervisor.resync()
+
+    def _forget_records(self) -> None:
+        for forget in self.record_listeners:
+            forget()
 
     async def verify_audit(self) -> list[str]:
         """Problems found in the audit trail; empty when it is intact."""

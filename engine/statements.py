@@ -166,6 +166,19 @@ def notify_changed(connection: Connection, operation: Operation, *, origin: str)
         connection.execute(_NOTIFY, {"channel": CHANGES_CHANNEL, "payload": payload})
 
 
+#: The payload of a notice that an access key, device or user changed status (revoked,
+#: locked, unlocked, deactivated, deleted): every process forgets what it cached of them.
+RECORDS_CHANGED = "records"
+
+
+def notify_records_changed(connection: Connection) -> None:
+    """On PostgreSQL, tell every process of every host, when this transaction commits, that
+    an access key, device or user changed status, so that none keeps a cached copy
+    (engine/peers.py). On SQLite the changing process tells the others itself."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(_NOTIFY, {"channel": CHANGES_CHANNEL, "payload": RECORDS_CHANGED})
+
+
 def operation_versions(connection: Connection, ids: Sequence[UUID]) -> dict[UUID, int]:
     """The stored version of each of ``ids`` (one query per ten thousand)."""
     versions: dict[UUID, int] = {}
@@ -583,6 +596,7 @@ def revoke_access_key(connection: Connection, key_id: str, now: datetime) -> boo
         .where(access_keys.c.id == key_id, access_keys.c.revoked_at.is_(None))
         .values(revoked_at=now)
     )
+    notify_records_changed(connection)
     return result.rowcount == 1
 
 

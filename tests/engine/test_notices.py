@@ -1,14 +1,19 @@
-"""Change notices between processes on PostgreSQL (LISTEN/NOTIFY, engine/peers.py): two
-engines on one database, nothing shared but PostgreSQL (no Unix sockets), real clock."""
+"""Change notices between processes (engine/peers.py): two engines on one database, real
+clock; on PostgreSQL nothing shared but the database (LISTEN/NOTIFY), on SQLite a peers
+directory too."""
 
 from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 import trio
 
-from engine.model import Phase
-from engine.peers import PostgresNotices
+from engine import statements as db
+from engine.model import Phase, utc_now
+from engine.peers import PostgresNotices, announce_records_to
 from tests.engine.conftest import EngineFactory
 from tests.engine.test_actors import enrol, start
 
@@ -70,3 +75,34 @@ async def test_after_a_lost_listening_connection_what_moved_is_read_again(
             assert first.supervisor.statistics().live_operations == 0
     finally:
         admin.dispose()
+
+
+async def test_a_status_changed_anywhere_empties_every_process_caches(
+    engine_factory: EngineFactory, database_url: str, tmp_path: Path
+) -> None:
+    """A device locked through one process, and an access key revoked by a command: every
+    process's caches of access keys and devices forget what they hold at once (within
+    milliseconds, not the second they would otherwise keep it)."""
+    peers = str(tmp_path / "peers")
+    async with engine_factory(peers_dir=peers) as first, engine_factory(peers_dir=peers) as second:
+        forgot: Counter[str] = Counter()
+        first.record_listeners.append(lambda: forgot.update(["first"]))
+        second.record_listeners.append(lambda: forgot.update(["second"]))
+        _, _, device_id = await enrol(first)
+        forgot.clear()  # the enrolment changed no status; the test starts here
+
+        async def until_second_forgot(times: int) -> None:
+            with trio.fail_after(10):
+                while forgot["second"] < times:  # noqa: ASYNC110 - set by the notice
+                    await trio.sleep(0.01)
+
+        await first.identity.lock_device(device_id, actor="test")
+        assert forgot["first"] >= 1  # the changing process itself, before it returns
+        await until_second_forgot(1)
+
+        # ``tapsign keys revoke``: a command, not a serving process.
+        with first.store.engine.begin() as connection:
+            db.revoke_access_key(connection, "no-such-key", utc_now())
+        if not database_url.startswith("postgresql"):
+            announce_records_to(peers)  # on PostgreSQL the transaction told everyone
+        await until_second_forgot(2)
