@@ -101,6 +101,8 @@ class CallbackDeliverer:
         #: Queued rows whose lease another process took over (this one stalled): not sent.
         self._lost: set[int] = set()
         self._origin = origin
+        #: Set when a callback that others of its operation waited for is through.
+        self._claim_now = trio.Event()
         self._limiter = trio.CapacityLimiter(settings.concurrency)
         #: Slots per destination; as many as the configuration names destinations.
         self._destinations: dict[str, trio.CapacityLimiter] = {}
@@ -123,7 +125,9 @@ class CallbackDeliverer:
             task_status.started()
             try:
                 while True:
-                    await trio.sleep(self._settings.rescan_seconds)
+                    with trio.move_on_after(self._settings.rescan_seconds):
+                        await self._claim_now.wait()
+                    self._claim_now = trio.Event()
                     await self._claim()
             finally:
                 self._nursery = None
@@ -251,17 +255,19 @@ class CallbackDeliverer:
         next_attempt_at: datetime | None,
         error: str | None,
     ) -> None:
-        def record(connection: Connection) -> None:
-            db.record_delivery(
+        def record(connection: Connection) -> bool:
+            return db.record_delivery(
                 connection,
                 item.id,
+                operation_id=item.operation_id,
                 now=now,
                 delivered=delivered,
                 next_attempt_at=next_attempt_at,
                 error=error,
             )
 
-        await self._store.write(record)
+        if await self._store.write(record):
+            self._claim_now.set()
 
     async def _post(self, item: OutboxItem) -> str | None:
         """One attempt; None if the relying party took it (2xx), else why not."""

@@ -410,12 +410,15 @@ def record_delivery(
     connection: Connection,
     outbox_id: int,
     *,
+    operation_id: UUID | None,
     now: datetime,
     delivered: bool,
     next_attempt_at: datetime | None,
     error: str | None,
-) -> None:
-    """One attempt's outcome: delivered, to retry at ``next_attempt_at``, or given up."""
+) -> bool:
+    """One attempt's outcome: delivered, to retry at ``next_attempt_at``, or given up.
+    True if the callback is through and a later one of its operation waits, unheld, for it
+    (:func:`_in_turn`): the caller claims it now rather than at its next rescan."""
     values: dict[str, Any] = {"attempts": outbox.c.attempts + 1, "last_error": error}
     if delivered:
         values["delivered_at"] = now
@@ -424,6 +427,19 @@ def record_delivery(
     else:
         values["next_attempt_at"] = next_attempt_at
     connection.execute(outbox.update().where(outbox.c.id == outbox_id).values(values))
+    if operation_id is None or next_attempt_at is not None:
+        return False
+    waiting = connection.execute(
+        sa.select(outbox.c.id)
+        .where(
+            outbox.c.operation_id == operation_id,
+            outbox.c.id > outbox_id,
+            outbox.c.leased_by.is_(None),
+            *_UNFINISHED,
+        )
+        .limit(1)
+    ).first()
+    return waiting is not None
 
 
 # -- audit ------------------------------------------------------------------------------
