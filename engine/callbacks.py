@@ -101,7 +101,8 @@ class CallbackDeliverer:
         #: Queued rows whose lease another process took over (this one stalled): not sent.
         self._lost: set[int] = set()
         self._origin = origin
-        #: Set when a callback that others of its operation waited for is through.
+        #: Set when callbacks nobody holds may be claimed: one that others of its operation
+        #: waited for is through, or a command wrote some (:meth:`claim_soon`).
         self._claim_now = trio.Event()
         self._limiter = trio.CapacityLimiter(settings.concurrency)
         #: Slots per destination; as many as the configuration names destinations.
@@ -154,6 +155,11 @@ class CallbackDeliverer:
             log.warning("%d callbacks were taken over by another process: not sent here", len(lost))
         self._lost = (self._lost | lost) - taken
         self.enqueue(claimed)
+
+    def claim_soon(self) -> None:
+        """Callbacks nobody holds may wait (a command wrote some, or one that others of its
+        operation waited for is through): claim now, not at the next rescan."""
+        self._claim_now.set()
 
     def lease(self, now: datetime) -> Lease:
         """This process's hold, from ``now``, on the rows it writes or claims: no other
@@ -267,7 +273,7 @@ class CallbackDeliverer:
             )
 
         if await self._store.write(record):
-            self._claim_now.set()
+            self.claim_soon()
 
     async def _post(self, item: OutboxItem) -> str | None:
         """One attempt; None if the relying party took it (2xx), else why not."""

@@ -52,7 +52,7 @@ import psycopg
 import sqlalchemy as sa
 import trio
 
-from engine.statements import CHANGES_CHANNEL, RECORDS_CHANGED
+from engine.statements import CHANGES_CHANNEL, OUTBOX_WAITING, RECORDS_CHANGED
 from tapsign_sdk.problems import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ _NOTICE = struct.Struct("!16sQ")
 _MAX_PATH = 107
 
 OnChange = Callable[[UUID, int], None]
-#: Called when an access key, device or user changed status somewhere.
+#: Called when an access key, device or user changed status somewhere, and when callbacks
+#: nobody holds wait in the outbox.
 OnRecords = Callable[[], None]
+OnOutbox = Callable[[], None]
 #: Called when notices may have been lost: read what moved meanwhile.
 OnLost = Callable[[], Awaitable[None]]
 #: Seconds between attempts to listen again after the connection was lost.
@@ -75,6 +77,9 @@ _RESYNC = _NOTICE.pack(UUID(int=0).bytes, 0)
 #: The notice that says "an access key, device or user changed status: forget what you
 #: cached of them" (engine/statements.py ``notify_records_changed`` on PostgreSQL).
 _RECORDS = _NOTICE.pack(UUID(int=1).bytes, 0)
+#: The notice that says "callbacks nobody holds wait: claim them" (a command wrote them;
+#: engine/statements.py ``notify_outbox_waiting`` on PostgreSQL).
+_OUTBOX = _NOTICE.pack(UUID(int=2).bytes, 0)
 
 
 class PeerStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,6 +107,7 @@ class Notices(Protocol):
         on_change: OnChange,
         on_lost: OnLost,
         on_records: OnRecords = lambda: None,
+        on_outbox: OnOutbox = lambda: None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None: ...
@@ -134,6 +140,7 @@ class Peers:
         on_change: OnChange,
         on_lost: OnLost,
         on_records: OnRecords = lambda: None,
+        on_outbox: OnOutbox = lambda: None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -165,6 +172,8 @@ class Peers:
                         await on_lost()
                     elif data == _RECORDS:
                         on_records()
+                    elif data == _OUTBOX:
+                        on_outbox()
                     elif len(data) == _NOTICE.size:
                         raw, version = _NOTICE.unpack(data)
                         self._received += 1
@@ -242,6 +251,7 @@ class PostgresNotices:
         on_change: OnChange,
         on_lost: OnLost,
         on_records: OnRecords = lambda: None,
+        on_outbox: OnOutbox = lambda: None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -250,7 +260,7 @@ class PostgresNotices:
         task_status.started()
         while True:
             try:
-                await self._receive(connection, on_change, on_records)
+                await self._receive(connection, on_change, on_records, on_outbox)
             except (psycopg.Error, OSError) as exc:
                 log.warning("lost the PostgreSQL connection that listens for changes: %s", exc)
             finally:
@@ -277,6 +287,7 @@ class PostgresNotices:
         connection: psycopg.Connection[tuple[object, ...]],
         on_change: OnChange,
         on_records: OnRecords,
+        on_outbox: OnOutbox,
     ) -> None:
         pgconn = connection.pgconn
         while True:
@@ -285,6 +296,9 @@ class PostgresNotices:
             while (notice := pgconn.notifies()) is not None:
                 if notice.extra == RECORDS_CHANGED.encode():
                     on_records()  # this process's own changes too: its caches go as well
+                    continue
+                if notice.extra == OUTBOX_WAITING.encode():
+                    on_outbox()
                     continue
                 try:
                     raw, version, origin = notice.extra.decode().split(":")
@@ -298,11 +312,11 @@ class PostgresNotices:
 
 def announce_to(directory: str, changes: Iterable[tuple[UUID, int]]) -> None:
     """Tell the processes serving in ``directory`` that these operations changed, from a
-    process that does not serve (``tapsign users deactivate``). A receiver too full to
-    take one is told to read everything again, blocking up to a second for it to have room."""
-    _announce_from_outside(
-        directory, [_NOTICE.pack(operation_id.bytes, version) for operation_id, version in changes]
-    )
+    process that does not serve (``tapsign users deactivate``), and that the callbacks it
+    wrote wait to be claimed. A receiver too full to take one is told to read everything
+    again, blocking up to a second for it to have room."""
+    notices = [_NOTICE.pack(operation_id.bytes, version) for operation_id, version in changes]
+    _announce_from_outside(directory, [*notices, _OUTBOX] if notices else [])
 
 
 def announce_records_to(directory: str) -> None:

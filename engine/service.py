@@ -104,6 +104,7 @@ class Engine:
                     self.supervisor.changed_elsewhere,
                     self._notices_lost,
                     self._forget_records,
+                    self.callbacks.claim_soon,
                 )
                 nursery.start_soon(self._refresh_keys)
                 task_status.started()

@@ -179,6 +179,18 @@ def notify_records_changed(connection: Connection) -> None:
         connection.execute(_NOTIFY, {"channel": CHANGES_CHANNEL, "payload": RECORDS_CHANGED})
 
 
+#: The payload of a notice that callbacks nobody holds wait in the outbox: every process
+#: claims what it can at once instead of at its next rescan (engine/callbacks.py).
+OUTBOX_WAITING = "outbox"
+
+
+def notify_outbox_waiting(connection: Connection) -> None:
+    """On PostgreSQL, tell every process, when this transaction commits, that callbacks
+    nobody holds wait (a command wrote them). On SQLite the command tells the sockets."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(_NOTIFY, {"channel": CHANGES_CHANNEL, "payload": OUTBOX_WAITING})
+
+
 def operation_versions(connection: Connection, ids: Sequence[UUID]) -> dict[UUID, int]:
     """The stored version of each of ``ids`` (one query per ten thousand)."""
     versions: dict[UUID, int] = {}
@@ -294,7 +306,11 @@ def insert_outbox(
     lease: Lease | None,
 ) -> tuple[int, Lease | None]:
     """Write a callback, held under ``lease`` if it is the writer's turn to send the
-    operation's callbacks (:func:`_in_turn`); returns its id and the lease it got."""
+    operation's callbacks (:func:`_in_turn`); returns its id and the lease it got. One
+    written without a lease (by a command) is announced to every process on PostgreSQL,
+    so that one claims it at once."""
+    if lease is None:
+        notify_outbox_waiting(connection)
     lease = _in_turn(connection, operation_id, lease)
     result = connection.execute(
         outbox.insert().values(

@@ -7,6 +7,7 @@ import base64
 import math
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from pathlib import Path
 from uuid import UUID
 
 import jwt
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from engine.callbacks import check_callback_url
 from engine.model import FailureReason, OperationRequest, Phase, utc_now
+from engine.peers import announce_to
 from engine.schema import outbox
 from engine.service import Engine, end_user
 from engine.settings import CallbackSettings
@@ -453,6 +455,28 @@ async def test_a_transactions_callbacks_arrive_in_order_whichever_process_wrote_
     delivered_events = [r.headers["tapsign-event"] for r in receiver.received]
     assert delivered_events[-2:] == ["push.created", "transaction.cancelled"]
     assert delivered_events.count("transaction.cancelled") == 1
+
+
+async def test_callbacks_a_command_wrote_are_claimed_at_once(
+    engine_factory: EngineFactory, receiver: Receiver, database_url: str, tmp_path: Path
+) -> None:
+    """``tapsign users deactivate`` cancels a user's transactions from outside the servers:
+    its callbacks, held by nobody, are claimed as soon as the servers hear of them (the
+    rescans are an hour apart here)."""
+    settings = CallbackSettings(rescan_seconds=3600, allow_private_networks=True)
+    peers = str(tmp_path / "peers")
+    async with engine_factory(settings, peers) as first, engine_factory(settings, peers):
+        _, user_id = await enrol(first)
+        operation_id = await start(first, user_id, receiver.url("/commanded"))
+        _, cancelled = await end_user(
+            first.store, user_id, delete=False, actor="admin", clock=utc_now, lease=None
+        )
+        if not database_url.startswith("postgresql"):  # there, the transaction told them
+            announce_to(peers, [(operation.id, operation.version) for operation, _ in cancelled])
+        with trio.fail_after(10):
+            (delivered,) = await until(receiver, 1)
+        assert msgspec.json.decode(delivered.body)["transactionId"] == str(operation_id)
+        assert (await first.supervisor.get(operation_id)).phase is Phase.CANCELLED
 
 
 async def test_the_webhook_dispatcher_asks_the_relying_party_to_push(
