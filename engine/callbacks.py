@@ -14,7 +14,10 @@ users deactivate`` cancelling a user's transactions) and those of a process that
 renewing (it died, on this host or another). A dead process's rows are taken up once their
 leases have run out (``lease_seconds``, 30 s). A live process whose renewal came too late
 and whose rows another process took over learns it at that renewal and stops sending them;
-only a delivery it had in flight at that moment can arrive twice.
+only a delivery it had in flight at that moment can arrive twice. A claim does not always
+wait for the rescan: rows a command wrote are announced (engine/peers.py, ``on_outbox``),
+and a process that finished a callback others of its operation waited behind (one per
+operation goes at a time, whichever host wrote them) claims them at once.
 
 Rows are queued per operation and delivered in order: the next callback of an operation
 waits until the one before it is delivered or given up. Different operations proceed
