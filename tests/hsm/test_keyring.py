@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import jwt
+import msgspec
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -144,6 +145,25 @@ def test_keys_are_token_objects_seen_by_a_new_keyring(
     # Closing the second token did not log the first one out.
     kid = keyring.active(KeyPurpose.TOKEN).kid
     assert verifies(keyring.key(kid).public_key, b"x", keyring.sign(kid, b"x"))
+
+
+def test_a_host_without_softhsm2s_configuration_takes_no_lock_file(
+    keyring: Keyring, hsm_settings: HsmSettings, tmp_path: Path
+) -> None:
+    """Another module (a network HSM) has no ``softhsm2.conf``, so no directory for the
+    key-list lock file beside it: the key list is read and changed without one."""
+    elsewhere = msgspec.structs.replace(
+        hsm_settings, softhsm2_conf=str(tmp_path / "absent" / "softhsm2.conf")
+    )
+    host = open_keyring(elsewhere, pin=USER_PIN)
+    try:
+        host.ensure()
+        keyring.refresh()  # the keys the host made are on the one token
+        assert [key.kid for key in host.published()] == [key.kid for key in keyring.published()]
+        assert host.published()
+    finally:
+        host.close()
+    assert not (tmp_path / "absent").exists()
 
 
 def test_jwks_is_public_ec_keys_with_kid_use_alg(keyring: Keyring) -> None:
