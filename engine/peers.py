@@ -145,8 +145,9 @@ class Peers:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Receive notices and pass them to ``on_change`` until cancelled, ``on_lost``
-        when a sender says that it dropped one for this process, and ``on_records`` when
-        one says that an access key, device or user changed status."""
+        when a sender says that it dropped one for this process, ``on_records`` when one
+        says that an access key, device or user changed status, and ``on_outbox`` when a
+        command says that it wrote callbacks nobody holds."""
         if self._directory is None:
             task_status.started()
             return

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                     report / f"server-{number}",
                     options.server_workers,
                     database_url=database,
-                    token=report / "server" / "var" / "softhsm",
+                    first=report / "server",
                 )
                 stack.callback(_stop, other)
                 pid.append(other.pid)
@@ -198,15 +198,22 @@ def start_server(
     return launch(command, directory, environment, port), f"http://127.0.0.1:{port}", access_key
 
 
-def start_host(
-    directory: Path, workers: int, *, database_url: str | None, token: Path
-) -> tuple[subprocess.Popen[bytes], str]:
-    """Another host of the first one's database, with its SoftHSM2 token (as hosts share a
-    network HSM) and a directory of its own."""
-    directory.mkdir()
-    (directory / "tapsign.toml").write_text(
+def shared_token(first: Path) -> str:
+    """The ``[hsm]`` section of a host that uses the SoftHSM2 token set up in the directory
+    ``first`` (as hosts share a network HSM)."""
+    token = first / "var" / "softhsm"
+    return (
         f'[hsm]\npin_file = "{token / "user.pin"}"\nsofthsm2_conf = "{token / "softhsm2.conf"}"\n'
     )
+
+
+def start_host(
+    directory: Path, workers: int, *, database_url: str | None, first: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Another host of the first one's database, with its SoftHSM2 token and a directory
+    of its own."""
+    directory.mkdir()
+    (directory / "tapsign.toml").write_text(shared_token(first))
     environment = _server_environment(database_url, shared=True)
     port = free_port()
     command = [str(BIN / "tapsign"), "serve", "--port", str(port), "--workers", str(workers)]

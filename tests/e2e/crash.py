@@ -47,7 +47,7 @@ from uuid import UUID
 
 import httpx
 
-from loadtests.run import free_port, scratch_schema
+from loadtests.run import free_port, scratch_schema, shared_token
 from tapsign_sdk import wire
 from tapsign_sdk.client import ApiError, Client, Payee
 from tapsign_sdk.device import Device
@@ -155,14 +155,9 @@ class Crashtest:
             self.access_key = prepare(
                 self.directories[0], config=config, callback_url=self.receiver.url()
             )
-            token = self.directories[0] / "var" / "softhsm"
             for directory in self.directories[1:]:
                 directory.mkdir()
-                (directory / "tapsign.toml").write_text(
-                    config
-                    + f'[hsm]\npin_file = "{token / "user.pin"}"\n'
-                    + f'softhsm2_conf = "{token / "softhsm2.conf"}"\n'
-                )
+                (directory / "tapsign.toml").write_text(config + shared_token(self.directories[0]))
             servers = [
                 start(directory, port)
                 for directory, port in zip(self.directories, self.ports, strict=True)

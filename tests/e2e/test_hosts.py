@@ -27,7 +27,7 @@ import jwt
 import pytest
 import sqlalchemy as sa
 
-from loadtests.run import _process_tree, free_port
+from loadtests.run import _process_tree, free_port, shared_token
 from loadtests.scrape import metric
 from tapsign_sdk.client import ApiError, Client
 from tapsign_sdk.device import Device
@@ -68,11 +68,6 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
             + "max_retry_seconds = 3\nrescan_seconds = 0.5\n"
         )
         access_key = prepare(base / "a", config=config)
-        token = base / "a" / "var" / "softhsm"
-        shared_token = (
-            f'[hsm]\npin_file = "{token / "user.pin"}"\n'
-            f'softhsm2_conf = "{token / "softhsm2.conf"}"\n'
-        )
         servers: dict[str, Server] = {}
         processes: dict[str, subprocess.Popen[bytes]] = {}
         try:
@@ -80,7 +75,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
                 directory = base / name
                 directory.mkdir(exist_ok=True)
                 if name != "a":
-                    (directory / "tapsign.toml").write_text(config + shared_token)
+                    (directory / "tapsign.toml").write_text(config + shared_token(base / "a"))
                 port = free_port()
                 processes[name] = start(directory, port)
                 servers[name] = Server(
