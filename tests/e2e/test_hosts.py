@@ -118,18 +118,25 @@ def _forgot(url: str, kid: str, status_token: str) -> bool:
     return kid not in {key["kid"] for key in published} and refused.status_code == 401
 
 
-def _refuses(url: str, phone: Device) -> bool:
-    """Whether the host at ``url`` refuses a request signed by ``phone``."""
+#: What a phone asks for its pending transactions.
+PENDING = "/device/v1/operations"
+
+
+def _pending_request(phone: Device) -> dict[str, str]:
+    """The headers of a fresh signed ``GET`` of :data:`PENDING` by ``phone``."""
     assert phone.authenticator_id is not None
-    path = "/device/v1/operations"
-    headers = sign_headers(
+    return sign_headers(
         authenticator_id=phone.authenticator_id,
         signer=phone.authenticator,
         method="GET",
-        path=path,
+        path=PENDING,
         body=b"",
     )
-    return httpx.get(url + path, headers=headers).status_code == 401
+
+
+def _refuses(url: str, phone: Device) -> bool:
+    """Whether the host at ``url`` refuses a request signed by ``phone``."""
+    return httpx.get(url + PENDING, headers=_pending_request(phone)).status_code == 401
 
 
 def test_started_on_a_answered_on_b_long_polled_on_c(hosts: Hosts) -> None:
@@ -166,18 +173,10 @@ def test_a_device_request_replayed_to_another_host_is_refused(hosts: Hosts) -> N
         closing(Device(hosts["b"].url)) as phone,
     ):
         enrolled(client, phone)
-        assert phone.authenticator_id is not None
-        path = "/device/v1/operations"
         for first in "abc":
-            headers = sign_headers(
-                authenticator_id=phone.authenticator_id,
-                signer=phone.authenticator,
-                method="GET",
-                path=path,
-                body=b"",
-            )
+            headers = _pending_request(phone)
             outcomes = {
-                name: httpx.get(hosts[name].url + path, headers=headers).status_code
+                name: httpx.get(hosts[name].url + PENDING, headers=headers).status_code
                 for name in [first, *sorted(set("abc") - {first})]
             }
             assert outcomes == {name: 200 if name == first else 401 for name in "abc"}
